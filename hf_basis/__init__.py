@@ -1,0 +1,32 @@
+"""hf_basis: compressed input embeddings and lm_head for HuggingFace transformers.
+
+    import hf_basis
+    model = hf_basis.convert(model, num_basis=8)          # product-quantized embedding + lm_head
+    print(hf_basis.report(model))
+"""
+
+from hf_basis.convert import convert, quantize_embed
+from hf_basis.modules.basis_embedding import BasisEmbedding
+from hf_basis.modules.basis_linear import BasisLinear
+from hf_basis.modules.codebook import Codebook
+from hf_basis.models.lstm import LSTMLMConfig, LSTMLMForCausalLM
+from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
+from hf_basis.report import report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasisConfig",
+    "BasisEmbedding",
+    "BasisLinear",
+    "Codebook",
+    "LSTMLMConfig",
+    "LSTMLMForCausalLM",
+    "QuantEmbedding",
+    "QuantLinear",
+    "convert",
+    "quantize_embed",
+    "report",
+]
+
+from hf_basis.integrations import BasisConfig  # noqa: E402  (registers quant_method "hf_basis" with transformers)

@@ -1,0 +1,1 @@
+"""Compression algorithms: product quantization (k-means), clipping + uniform quantization, bit packing."""

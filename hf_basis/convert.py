@@ -1,0 +1,183 @@
+"""The patcher: swap a model's input embedding and output layer for compressed modules, in place.
+
+`convert` finds the two modules by identity through `get_input_embeddings()` / `get_output_embeddings()`, builds
+every replacement first (k-means PQ or clipping, on the weights' device), and only then swaps them in, so an error
+leaves the model untouched. What was done is recorded in `model.hf_basis_config` (a JSON-serialisable dict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_basis.modules.basis_embedding import BasisEmbedding
+from hf_basis.modules.basis_linear import BasisLinear
+from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear, quantize_embed
+from hf_basis.validation import check_basis_shape, check_nbit
+
+__all__ = ["convert", "quantize_embed", "COMPRESSED_MODULES"]
+
+METHODS = ("basis", "quant")
+MODULE_CHOICES = ("both", "input", "output")
+COMPRESSED_MODULES = (BasisEmbedding, BasisLinear, QuantEmbedding, QuantLinear)
+
+
+def _is_alias(module: nn.Module | None, target: nn.Module) -> bool:
+    """`module` stands for `target`: the same object, or a layer of the same type holding the same weight tensor
+    (transformers 5 ties e.g. T5's `encoder.embed_tokens` to `shared` by parameter, not by module)."""
+    return module is target or (type(module) is type(target) and getattr(module, "weight", None) is target.weight)
+
+
+def _names_of(model: nn.Module, target: nn.Module) -> list[str]:
+    """Every attribute path under which `target` (or an alias of it) is reachable, shortest first."""
+    names = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if _is_alias(child, target):
+                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return sorted(set(names), key=lambda n: (n.count("."), n))
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Point every reference to `old` (or an alias) inside `model` at `new`, and every other reference to its bias
+    parameter at the new bias (BERT's MLM head keeps `cls.predictions.bias` as the same tensor as the decoder's)."""
+    old_bias = getattr(old, "bias", None)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if _is_alias(child, old):
+                setattr(parent, child_name, new)
+        for param_name, param in list(parent._parameters.items()):
+            if old_bias is not None and param is old_bias:
+                parent._parameters[param_name] = new.bias
+
+
+def _check_plain(module: nn.Module, base: type, role: str) -> None:
+    if isinstance(module, COMPRESSED_MODULES):
+        raise ValueError(
+            f"the {role} is already a {type(module).__name__}: convert() compresses a model once; "
+            "load the dense model again to convert it with other settings"
+        )
+    if not isinstance(module, base):
+        raise TypeError(f"the {role} is a {type(module).__name__}, but convert() can only compress an {base.__name__}")
+    if type(module).forward is not base.forward:
+        # A subclass with its own forward (e.g. a scaled embedding) would silently lose that behaviour.
+        raise NotImplementedError(
+            f"the {role} is a {type(module).__name__}, a subclass of {base.__name__} with its own forward; "
+            "hf_basis does not know how to reproduce it, so it refuses instead of changing the model's outputs"
+        )
+
+
+def convert(
+    model: nn.Module,
+    num_basis: int = 8,
+    num_clusters: int = 256,
+    *,
+    method: str = "basis",
+    nbit: int = 4,
+    modules: str = "both",
+    seed: int = 0,
+    stochastic_round: bool = False,
+) -> nn.Module:
+    """Compress the input embedding and/or the output layer (lm_head) of a model, in place; returns the model.
+
+    Args:
+        model: a transformers `PreTrainedModel` (anything with `get_input_embeddings` / `get_output_embeddings`).
+        num_basis: method="basis": sub-vectors per word (must divide the hidden size).
+        num_clusters: method="basis": centroids per sub-space, 2 .. min(vocab size, 32768).
+        method: "basis" (product quantization, trainable centroids: BasisEmbedding / BasisLinear) or
+            "quant" (SmallFry clipped uniform quantization, frozen: QuantEmbedding / QuantLinear).
+        nbit: method="quant": bits per value, one of 1, 2, 4, 8, 16, 32.
+        modules: "both", "input" (embedding only) or "output" (lm_head only).
+        seed: k-means++ seed (method="basis") or stochastic-rounding seed (method="quant").
+        stochastic_round: method="quant": stochastic instead of deterministic rounding.
+
+    Tied input/output embeddings stay tied: both modules share one Codebook (or QuantizedTable).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if modules not in MODULE_CHOICES:
+        raise ValueError(f"modules must be one of {list(MODULE_CHOICES)}, got {modules!r}")
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        if not hasattr(model, accessor):
+            raise TypeError(f"convert() needs a model with {accessor}() (a transformers PreTrainedModel)")
+    if method == "quant":
+        check_nbit(nbit)
+
+    emb = model.get_input_embeddings() if modules in ("both", "input") else None
+    head = model.get_output_embeddings() if modules in ("both", "output") else None
+    if modules in ("both", "input") and emb is None:
+        raise ValueError(f"{type(model).__name__} has no input embeddings; use modules='output'")
+    if modules in ("both", "output") and head is None:
+        hint = "; use modules='input'" if modules == "both" else ""
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head){hint}")
+    if emb is not None:
+        _check_plain(emb, nn.Embedding, "input embedding")
+    if head is not None:
+        _check_plain(head, nn.Linear, "output layer")
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    if method == "basis":
+        for layer in (emb, head):
+            if layer is not None:
+                check_basis_shape(layer.weight.shape[0], layer.weight.shape[1], num_basis, num_clusters)
+
+    # Build every replacement before touching the model: an error below leaves it as it was.
+    new_emb = new_head = None
+    errors: dict[str, float] = {}
+    if method == "basis":
+        if emb is not None:
+            new_emb, errors["input"] = BasisEmbedding.from_embedding(emb, num_basis, num_clusters, seed=seed)
+        if head is not None:
+            shared = new_emb.codebook if tied else None
+            new_head, errors["output"] = BasisLinear.from_linear(head, num_basis, num_clusters, seed=seed, codebook=shared)
+    else:
+        quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
+        if emb is not None:
+            new_emb = QuantEmbedding(
+                emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, _weight=emb.weight.detach(),
+                nbit=nbit, dtype=emb.weight.dtype, **quant_kwargs,
+            )
+            errors["input"] = new_emb.table.relative_error
+        if head is not None:
+            shared = new_emb.table if tied else None
+            new_head = QuantLinear.from_linear(head, nbit, table=shared, **quant_kwargs)
+            errors["output"] = new_head.table.relative_error
+    if tied:
+        errors["output"] = errors["input"]
+
+    layers: dict[str, dict[str, Any]] = {}
+    emb_names = _names_of(model, emb) if emb is not None else []
+    for role, old, new in (("input", emb, new_emb), ("output", head, new_head)):
+        if old is None:
+            continue
+        names = _names_of(model, old)
+        layers[names[0]] = {
+            "role": role,
+            "kind": type(new).__name__,
+            "aliases": names[1:],
+            "shape": list(old.weight.shape),
+            "dense_dtype": str(old.weight.dtype).removeprefix("torch."),
+            "relative_error": float(errors[role]),
+            "tied_to": emb_names[0] if (role == "output" and tied) else None,
+        }
+        _replace(model, old, new)
+
+    model.hf_basis_config = {
+        "method": method,
+        "num_basis": num_basis if method == "basis" else None,
+        "num_clusters": num_clusters if method == "basis" else None,
+        "nbit": nbit if method == "quant" else None,
+        "modules": modules,
+        "seed": seed,
+        "stochastic_round": stochastic_round if method == "quant" else None,
+        "tied": tied,
+        "layers": layers,
+    }
+    from hf_basis.integrations.serialization import attach_quantization_config  # quantization_config, save, push
+
+    attach_quantization_config(model)
+    from hf_basis.integrations.fused_loss import install_fused_loss  # training loss: fused basis CE, no logits
+
+    install_fused_loss(model)
+    return model

@@ -1,0 +1,1 @@
+"""The nn.Modules users see."""

@@ -1,0 +1,100 @@
+"""BasisLinear: an output layer (lm_head) whose V x H weight is a product-quantized Codebook."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_basis.modules.codebook import Codebook
+from hf_basis.modules.lazy_logits import LazyLogits
+from hf_basis.ops.basis_linear import basis_linear
+
+__all__ = ["BasisLinear"]
+
+
+class BasisLinear(nn.Module):
+    """logits = x @ W^T + bias with W (V x H) stored as codes + centroids and never built.
+
+    logits[t, w] = bias[w] + sum_b P[b, code[w, b], t] with P_b = C_b @ x_b^T: a small bmm (T x K x H flops)
+    plus a gather-sum over B codes per logit, instead of the T x V x H GEMM. On CUDA the gather-sum and its backward
+    run as Triton kernels; elsewhere as PyTorch ops (`HF_BASIS_DISABLE_TRITON=1` forces those everywhere).
+
+    Args:
+        in_features: H, divisible by `num_basis`.
+        out_features: V.
+        num_basis, num_clusters: B and K of the codebook.
+        bias: learn a per-word bias.
+        codebook: an existing Codebook to share (tied input/output embeddings).
+
+    Forward: x (..., H) -> (..., V) in x's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_basis: int = 8,
+        num_clusters: int = 256,
+        bias: bool = True,
+        *,
+        codebook: Codebook | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if codebook is None:
+            codebook = Codebook(out_features, in_features, num_basis, num_clusters, device=device, dtype=dtype)
+        elif (codebook.num_embeddings, codebook.embedding_dim) != (out_features, in_features):
+            raise ValueError(
+                f"codebook is {codebook.num_embeddings} x {codebook.embedding_dim}, "
+                f"but the layer is out_features={out_features} x in_features={in_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.codebook = codebook
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or codebook.centroids.dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, num_basis: int, num_clusters: int, *, seed: int = 0, codebook: Codebook | None = None
+    ) -> tuple["BasisLinear", float]:
+        """Compress an nn.Linear(H, V) (k-means PQ of its weight). Returns the module and the relative error.
+
+        Pass `codebook` to reuse the input embedding's codebook (tied weights); the bias is copied.
+        """
+        error = float("nan")
+        if codebook is None:
+            codebook, error = Codebook.from_weight(linear.weight, num_basis, num_clusters, seed=seed)
+        module = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, codebook=codebook,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        if linear.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(linear.bias)
+        return module, error
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded dense (V, H) weight, read-only. Built on every access: O(V*H) memory; for interop only."""
+        return self.codebook.decode()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centroids = self.codebook.centroids
+        bias = self.bias
+        if x.dtype != centroids.dtype:
+            # Mixed precision (e.g. fp32 centroids under bf16 activations): compute in the activations' dtype,
+            # as nn.Linear does under autocast.
+            centroids = centroids.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        if self.training and getattr(self, "lazy_logits", False) and torch.is_grad_enabled():
+            # Armed by hf_basis.integrations.fused_loss for a training call with labels: the installed loss fuses
+            # these logits; any other use computes them (see hf_basis/modules/lazy_logits.py).
+            return LazyLogits(x, centroids, self.codebook.codes, bias)
+        return basis_linear(x, centroids, self.codebook.codes, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,0 +1,108 @@
+"""Codebook: the product-quantized representation of a V x D matrix, shared by BasisEmbedding and BasisLinear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_basis.compress.pq import code_dtype, product_quantize, reconstruct
+from hf_basis.validation import check_basis_shape
+
+__all__ = ["Codebook"]
+
+
+class Codebook(nn.Module):
+    """A V x D matrix stored as integer codes and trainable centroids (Shi & Yu 2018, product quantization).
+
+    Row w of the matrix is `concat_b centroids[b, codes[w, b]]`; it is never stored.
+
+    Args:
+        num_embeddings: V, the number of rows (words).
+        embedding_dim: D, the row width; must be divisible by `num_basis`.
+        num_basis: B, sub-vectors per row.
+        num_clusters: K, centroids per sub-space (2 .. 32768).
+
+    Attributes:
+        codes: (V, B) persistent buffer in the smallest integer dtype holding K (uint8 up to 256, else int16).
+        centroids: (B, K, D // B) trainable parameter.
+
+    A model whose input and output embeddings are tied holds ONE Codebook module referenced by both layers, so the
+    tie is object identity: it survives `.to()`, `.half()` and state-dict round trips.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        num_basis: int,
+        num_clusters: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_basis_shape(num_embeddings, embedding_dim, num_basis, num_clusters)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.num_basis = num_basis
+        self.num_clusters = num_clusters
+        self.register_buffer(
+            "codes", torch.zeros(num_embeddings, num_basis, dtype=code_dtype(num_clusters), device=device)
+        )
+        self.centroids = nn.Parameter(
+            torch.empty(num_basis, num_clusters, embedding_dim // num_basis, device=device, dtype=dtype)
+        )
+        nn.init.normal_(self.centroids, std=0.02)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, num_basis: int, num_clusters: int, *, seed: int = 0
+    ) -> tuple["Codebook", float]:
+        """Product-quantize `weight` (V, D) with batched k-means on its device.
+
+        Returns the codebook (centroids in weight's dtype) and the relative reconstruction error ||W - W_q|| / ||W||.
+        """
+        V, D = weight.shape
+        book = cls(V, D, num_basis, num_clusters, device=weight.device, dtype=weight.dtype)
+        result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed)
+        with torch.no_grad():
+            book.codes.copy_(result.codes)
+            book.centroids.copy_(result.centroids)
+        return book, result.relative_error
+
+    @property
+    def sub_dim(self) -> int:
+        return self.embedding_dim // self.num_basis
+
+    def decode(self) -> torch.Tensor:
+        """The dense (V, D) matrix. Costs O(V*D) memory and time: for interoperability and inspection only."""
+        return reconstruct(self.codes, self.centroids)
+
+    def nbytes(self) -> int:
+        """Storage of the codebook: codes + centroids, in bytes."""
+        return self.codes.numel() * self.codes.element_size() + self.centroids.numel() * self.centroids.element_size()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # Reject codes that would index outside the centroid table: silently loading them would give garbage
+        # (CPU) or a device-side assert much later (CUDA).
+        codes = state_dict.get(prefix + "codes")
+        if codes is not None:
+            if codes.shape != self.codes.shape:
+                errors.append(
+                    f"{prefix}codes has shape {tuple(codes.shape)}, expected {tuple(self.codes.shape)} "
+                    f"(num_embeddings, num_basis)"
+                )
+            elif codes.is_floating_point() or codes.is_complex():
+                errors.append(f"{prefix}codes must be an integer tensor, got {codes.dtype}")
+            elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_clusters):
+                errors.append(
+                    f"{prefix}codes hold values in [{int(codes.min())}, {int(codes.max())}] but num_clusters is "
+                    f"{self.num_clusters}: every code must lie in [0, {self.num_clusters})"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"num_basis={self.num_basis}, num_clusters={self.num_clusters}, codes_dtype={self.codes.dtype}"
+        )

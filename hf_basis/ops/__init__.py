@@ -1,0 +1,1 @@
+"""Pure functions: PyTorch references, Triton kernels and their dispatch. Knows nothing about transformers."""

@@ -1,0 +1,35 @@
+"""Argument checks shared by the public constructors and `convert`: one wording for each mistake."""
+
+from __future__ import annotations
+
+__all__ = ["ALLOWED_NBITS", "MAX_CLUSTERS", "check_basis_shape", "check_nbit", "divisors"]
+
+ALLOWED_NBITS = (1, 2, 4, 8, 16, 32)
+MAX_CLUSTERS = 32768  # codes are stored as int16 above 256 clusters
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_basis_shape(num_embeddings: int, embedding_dim: int, num_basis: int, num_clusters: int) -> None:
+    """Raise ValueError naming the argument and the allowed values when a basis codebook cannot have this shape."""
+    if not isinstance(num_basis, int) or num_basis < 1:
+        raise ValueError(f"num_basis must be a positive integer, got {num_basis!r}")
+    if embedding_dim % num_basis != 0:
+        raise ValueError(
+            f"num_basis={num_basis} does not divide the hidden size {embedding_dim}; "
+            f"num_basis must be one of its divisors: {divisors(embedding_dim)}"
+        )
+    if not isinstance(num_clusters, int) or not 2 <= num_clusters <= min(num_embeddings, MAX_CLUSTERS):
+        raise ValueError(
+            f"num_clusters must be an integer in [2, {min(num_embeddings, MAX_CLUSTERS)}] "
+            f"(at least 2, at most the vocabulary size {num_embeddings} and at most {MAX_CLUSTERS}), got {num_clusters!r}"
+        )
+
+
+def check_nbit(nbit: int) -> None:
+    """Raise ValueError unless nbit is one of the SmallFry bit widths."""
+    if nbit not in ALLOWED_NBITS:
+        raise ValueError(f"nbit must be one of {list(ALLOWED_NBITS)}, got {nbit!r}")
