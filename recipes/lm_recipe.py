@@ -1,0 +1,345 @@
+"""The shared body of train_ptb.py and train_wikitext.py: arguments, model, phases (dense warm-up -> convert ->
+compressed), final evaluation, summary and results.json.
+
+    recipes/train_ptb.py [CONFIG.yaml] [--any_field value ...]
+
+The YAML file (optional, first argument) replaces the recipe's defaults; flags on the command line override both.
+Every field of ModelArguments, DataArguments, CompressionArguments and transformers.TrainingArguments is accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import yaml
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    HfArgumentParser,
+    LlamaConfig,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+import hf_basis
+from hf_basis.models.lstm import LSTMLMConfig
+from lm_data import CORPORA, BlockDataset, BPTTBatches, build_tokenizer, load_corpus, token_stream, tokenize
+from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, StopOnInterrupt, token_nll
+
+__all__ = ["CompressionArguments", "DataArguments", "ModelArguments", "main", "parse_args"]
+
+ARCHITECTURES = ("lstm_lm", "gpt2", "llama")
+COMPRESSIONS = ("none", "basis", "quant")
+
+
+@dataclass
+class ModelArguments:
+    architecture: str = field(default="lstm_lm", metadata={"help": f"one of {ARCHITECTURES}"})
+    emsize: int = field(default=200, metadata={"help": "embedding width (hidden size for gpt2 / llama)"})
+    nhid: int = field(default=200, metadata={"help": "LSTM hidden units (lstm_lm only)"})
+    nlayers: int = field(default=2, metadata={"help": "RNN layers / transformer blocks"})
+    rnn_type: str = field(default="LSTM", metadata={"help": "LSTM, GRU, RNN_TANH or RNN_RELU (lstm_lm only)"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (gpt2 / llama only)"})
+    dropout: float = 0.2
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "share embedding and head (emsize == nhid)"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "start from this trained dense model folder (its tokenizer too, if saved)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    corpus: str = field(default="ptb", metadata={"help": f"one of {sorted(CORPORA)}"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder with the canonical files (ptb.{train,valid,test}.txt, wiki.{train,valid,test}.tokens"
+                          " or .raw); default: the Hub copy"},
+    )
+    dict: str | None = field(default=None, metadata={"help": "vocabulary file, one word per line (else: from train)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder"})
+    bptt: int = field(default=35, metadata={"help": "truncated-BPTT window (lstm_lm) / block size (gpt2, llama)"})
+    max_train_tokens: int | None = field(default=None, metadata={"help": "use only the first N train tokens"})
+    max_eval_tokens: int | None = field(default=None, metadata={"help": "use only the first N valid / test tokens"})
+    preprocessing_num_workers: int | None = None
+
+
+@dataclass
+class CompressionArguments:
+    compression: str = field(default="none", metadata={"help": f"one of {COMPRESSIONS}"})
+    num_basis: int = field(default=8, metadata={"help": "basis: sub-vectors per word"})
+    num_clusters: int = field(default=256, metadata={"help": "basis: centroids per sub-space"})
+    basis_modules: str = field(default="both", metadata={"help": "both, input or output"})
+    nbit: int = field(default=4, metadata={"help": "quant: bits per value"})
+    dense_warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "train dense for N epochs, then convert and train the remaining epochs (original schedule);"
+                          " 0: convert before training"},
+    )
+    compression_seed: int = 0
+    compressed_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of the phase after the conversion (default: --learning_rate)"}
+    )
+    centroid_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the basis centroids after the conversion (default: that of the phase);"
+                          " a centroid's gradient sums the gradients of all the words that share it"},
+    )
+
+
+def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
+    """(ModelArguments, DataArguments, CompressionArguments, TrainingArguments) from [CONFIG.yaml] [--flags]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CompressionArguments, TrainingArguments))
+    parser.set_defaults(**(defaults or {}))
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv.pop(0), encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            parser.error(f"unknown fields in the YAML config: {', '.join(unknown)}")
+        parser.set_defaults(**config)
+    model_args, data_args, comp_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.architecture not in ARCHITECTURES:
+        parser.error(f"--architecture must be one of {ARCHITECTURES}")
+    if comp_args.compression not in COMPRESSIONS:
+        parser.error(f"--compression must be one of {COMPRESSIONS}")
+    if comp_args.dense_warmup_epochs and comp_args.compression == "none":
+        parser.error("--dense_warmup_epochs needs --compression basis or quant")
+    if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
+        parser.error("--dense_warmup_epochs must be smaller than --num_train_epochs (the total)")
+    # The loss and the perplexity read the aligned targets; the Trainer must pass them to the metric.
+    training_args.label_names = ["labels", "shift_labels"]
+    return model_args, data_args, comp_args, training_args
+
+
+def _tokenizer(model_args: ModelArguments, data_args: DataArguments, raw):
+    if data_args.dict:
+        return build_tokenizer(vocab_file=data_args.dict)
+    if model_args.init_from and os.path.isfile(os.path.join(model_args.init_from, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(model_args.init_from)
+
+    def lines():
+        for batch in raw["train"].iter(batch_size=10_000):
+            yield from batch["text"]
+
+    return build_tokenizer(lines())
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_token_id: int) -> nn.Module:
+    if model_args.init_from:
+        model = AutoModelForCausalLM.from_pretrained(model_args.init_from)
+        if model.get_input_embeddings().num_embeddings != vocab_size:
+            raise ValueError(
+                f"{model_args.init_from} has a vocabulary of {model.get_input_embeddings().num_embeddings} words, the "
+                f"tokenizer {vocab_size}: use the tokenizer saved with that model (or the same --dict)"
+            )
+        return model
+    m = model_args
+    if m.architecture == "lstm_lm":
+        config = LSTMLMConfig(
+            vocab_size=vocab_size, emsize=m.emsize, nhid=m.nhid, nlayers=m.nlayers, rnn_type=m.rnn_type,
+            dropout=m.dropout, tie_word_embeddings=m.tie_word_embeddings, eos_token_id=eos_token_id,
+        )
+    elif m.architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=data_args.bptt, n_embd=m.emsize, n_layer=m.nlayers, n_head=m.n_head,
+            resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+            tie_word_embeddings=m.tie_word_embeddings, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=m.emsize, intermediate_size=4 * m.emsize, num_hidden_layers=m.nlayers,
+            num_attention_heads=m.n_head, num_key_value_heads=m.n_head, max_position_embeddings=data_args.bptt,
+            attention_dropout=m.dropout, tie_word_embeddings=m.tie_word_embeddings,
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None,
+        )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def embedding_head_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the input embedding and the output layer together: every parameter and buffer they
+    hold (codes, centroids, packed values, bias...), shared tensors (tied weights, a shared codebook) counted once."""
+    seen: set[int] = set()
+    params = nbytes = 0
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None:
+            continue
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            nbytes += tensor.numel() * tensor.element_size()
+            params += tensor.numel() if isinstance(tensor, nn.Parameter) else 0
+    return params, nbytes
+
+
+def _datasets(model_args, data_args, training_args, streams):
+    if model_args.architecture == "lstm_lm":
+        def layout(stream, batch_size):
+            rank, world_size = training_args.process_index, training_args.world_size
+            return BPTTBatches(stream, batch_size, data_args.bptt, rank, world_size)
+
+        return (layout(streams["train"], training_args.per_device_train_batch_size),
+                layout(streams["validation"], training_args.per_device_eval_batch_size),
+                layout(streams["test"], training_args.per_device_eval_batch_size))
+    return tuple(BlockDataset(streams[split], data_args.bptt) for split in ("train", "validation", "test"))
+
+
+def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, centroid_learning_rate=None):
+    cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
+    return cls(
+        centroid_learning_rate=centroid_learning_rate,
+        model=model,
+        args=args,
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        compute_metrics=metric,
+        preprocess_logits_for_metrics=token_nll,
+        callbacks=[stopper],
+    )
+
+
+def _phases(comp_args: CompressionArguments, total_epochs: float) -> list[tuple[str, float, bool]]:
+    """[(name, epochs, convert before this phase)]."""
+    if comp_args.compression == "none":
+        return [("dense", total_epochs, False)]
+    if comp_args.dense_warmup_epochs:
+        return [("dense", comp_args.dense_warmup_epochs, False),
+                (comp_args.compression, total_epochs - comp_args.dense_warmup_epochs, True)]
+    return [(comp_args.compression, total_epochs, True)]
+
+
+def _convert(model, comp_args: CompressionArguments) -> None:
+    hf_basis.convert(
+        model, num_basis=comp_args.num_basis, num_clusters=comp_args.num_clusters, method=comp_args.compression,
+        nbit=comp_args.nbit, modules=comp_args.basis_modules, seed=comp_args.compression_seed,
+    )
+
+
+def _summary_table(results: dict) -> str:
+    def human(n):
+        return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+    rows = [
+        ("run", results["run_name"]),
+        ("compression", results["compression"]),
+        ("valid perplexity", f"{results['eval_perplexity']:.2f}"),
+        ("test perplexity", f"{results['test_perplexity']:.2f}"),
+        ("embedding+head parameters", f"{results['emb_head_params_before']:,} -> {results['emb_head_params_after']:,}"),
+        ("embedding+head bytes",
+         f"{human(results['emb_head_bytes_before'])} -> {human(results['emb_head_bytes_after'])}"),
+        ("compression ratio", f"{results['compression_ratio']:.2f}x"),
+        ("train tokens/s", f"{results['train_tokens_per_second']:,.0f}"),
+        ("epochs trained", f"{results['epochs_trained']:.2f}" + (" (interrupted)" if results["interrupted"] else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
+    model_args, data_args, comp_args, training_args = parse_args(argv, defaults)
+    set_seed(training_args.seed)
+
+    raw = load_corpus(data_args.corpus, data_args.data_dir, data_args.cache_dir)
+    tokenizer = _tokenizer(model_args, data_args, raw)
+    ids = tokenize(raw, tokenizer, data_args.preprocessing_num_workers)
+    streams = {
+        split: token_stream(ids[split], data_args.max_train_tokens if split == "train" else data_args.max_eval_tokens)
+        for split in ("train", "validation", "test")
+    }
+    datasets = _datasets(model_args, data_args, training_args, streams)
+
+    model = build_model(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
+    params_before, bytes_before = embedding_head_size(model)
+    use_cache = model.config.use_cache
+    metric = PerplexityMetric()
+    stopper = StopOnInterrupt().install()
+
+    trainer = None
+    log_history, runtime, tokens, epochs_trained = [], 0.0, 0, 0.0
+    try:
+        for name, epochs, convert_first in _phases(comp_args, training_args.num_train_epochs):
+            if stopper.requested:  # Ctrl-C during an earlier phase or a conversion: no further phase
+                stopper.interrupted = True
+                break
+            if convert_first:
+                _convert(model, comp_args)
+            args = copy.deepcopy(training_args)
+            args.num_train_epochs = epochs
+            if convert_first and comp_args.compressed_learning_rate is not None:
+                args.learning_rate = comp_args.compressed_learning_rate
+            if len(_phases(comp_args, training_args.num_train_epochs)) > 1:
+                args.output_dir = os.path.join(training_args.output_dir, f"phase-{name}")
+            centroid_lr = comp_args.centroid_learning_rate if convert_first else None
+            trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, centroid_lr)
+            if epochs > 0:
+                output = trainer.train()
+                runtime += output.metrics["train_runtime"]
+                tokens += trainer.train_tokens * training_args.world_size
+                epochs_trained += trainer.state.epoch or 0.0
+                log_history += [dict(entry, phase=name) for entry in trainer.state.log_history]
+        if trainer is None:  # interrupted before the first phase began
+            trainer = _trainer(model, copy.deepcopy(training_args), model_args, datasets, tokenizer, metric, stopper)
+        stopper.uninstall()  # from here on, Ctrl-C aborts
+
+        valid = trainer.evaluate(datasets[1], metric_key_prefix="eval")
+        test = trainer.evaluate(datasets[2], metric_key_prefix="test")
+    finally:
+        stopper.uninstall()
+
+    params_after, bytes_after = embedding_head_size(model)
+    compressed = hasattr(model, "hf_basis_config")
+    results = {
+        "run_name": training_args.run_name or os.path.basename(os.path.normpath(training_args.output_dir)),
+        "corpus": data_args.corpus,
+        "architecture": model_args.architecture,
+        "compression": comp_args.compression if compressed else "none",
+        "eval_perplexity": valid["eval_perplexity"],
+        "test_perplexity": test["test_perplexity"],
+        "eval_loss": valid["eval_nll"],
+        "test_loss": test["test_nll"],
+        "eval_tokens": valid["eval_num_tokens"],
+        "test_tokens": test["test_num_tokens"],
+        "emb_head_params_before": params_before,
+        "emb_head_params_after": params_after,
+        "emb_head_bytes_before": bytes_before,
+        "emb_head_bytes_after": bytes_after,
+        "compression_ratio": bytes_before / bytes_after,
+        "compressed_modules": hf_basis.report(model).to_dict() if compressed else None,
+        "train_tokens": tokens,
+        "train_runtime": runtime,
+        "train_tokens_per_second": tokens / runtime if runtime else float("nan"),
+        "epochs_trained": epochs_trained,
+        "interrupted": stopper.interrupted,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": training_args.world_size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "log_history": log_history,
+        "args": {
+            "model": asdict(model_args), "data": asdict(data_args), "compression": asdict(comp_args),
+            "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        },
+    }
+    model.config.use_cache = use_cache  # the Trainer sets it to TrainingArguments.use_cache (False)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        with open(os.path.join(training_args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=str)
+        print("\n" + _summary_table(results), flush=True)
+    if not math.isfinite(results["test_perplexity"]):
+        raise RuntimeError("test perplexity is not finite")
+    return results

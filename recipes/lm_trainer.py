@@ -1,0 +1,202 @@
+"""Trainer pieces for the language-modelling recipes.
+
+- `LMTrainer`: the HF Trainer, counting the tokens it trains on (for tokens/s).
+- `BPTTTrainer`: truncated BPTT for a stateful model (the LSTM LM) with the Trainer's own loop, logging, progress
+  bars, evaluation and checkpointing. Batches come from `BPTTBatches` in stream order through a plain DataLoader (no
+  shuffling, no re-batching, no sharding by accelerate: under DDP each process already holds its own columns), and
+  the recurrent state returned by one window is detached and fed to the next.
+- `token_nll` / `PerplexityMetric`: exact corpus perplexity exp(total NLL / total tokens) from the evaluation loop,
+  computed by the `evaluate` module shipped in hf_basis (the Trainer's eval_loss is a mean of batch means).
+- `StopOnInterrupt`: Ctrl-C finishes the current step and ends training normally (then the recipe evaluates and
+  saves); a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import evaluate
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+import hf_basis.metrics
+from hf_basis import Codebook
+from hf_basis.models.lstm import STATE_FIELD
+
+__all__ = ["BPTTTrainer", "LMTrainer", "PerplexityMetric", "StopOnInterrupt", "token_nll"]
+
+IGNORE_INDEX = -100
+
+
+class LMTrainer(Trainer):
+    """Trainer that counts the input tokens of its training steps in `train_tokens` (this process only).
+
+    Args:
+        centroid_learning_rate: if set, the centroids of hf_basis codebooks get their own param group with this
+            learning rate (schedulers scale it like the others). A centroid's gradient is the sum of the gradients
+            of every word that shares it, so plain SGD moves a decoded row much further than a dense row.
+    """
+
+    def __init__(self, *args, centroid_learning_rate: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_tokens = 0
+        self.centroid_learning_rate = centroid_learning_rate
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.centroid_learning_rate is None:
+            return optimizer
+        model = self.model if model is None else model
+        centroids = {id(m.centroids) for m in model.modules() if isinstance(m, Codebook)}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in centroids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in centroids]
+                optimizer.add_param_group(
+                    {**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                     "lr": self.centroid_learning_rate}
+                )
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.train_tokens += inputs["input_ids"].numel()
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+class BPTTTrainer(LMTrainer):
+    """Truncated BPTT: items of a `BPTTBatches` dataset are whole batches, read in order, and the model's recurrent
+    state is carried from one to the next (detached), separately for training and for evaluation passes. An item with
+    `reset_state=True` (the first of each pass: every epoch, every evaluation) starts from a zero state.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._states: dict[str, object] = {}
+
+    def _ordered_loader(self, dataset) -> DataLoader:
+        # batch_size=None: each item already is a batch. Not passed through accelerator.prepare, which would shard
+        # batches across processes; this process's dataset holds only its own streams.
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("BPTTTrainer needs a train_dataset")
+        return self._ordered_loader(self.train_dataset)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        if eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        if eval_dataset is None:
+            raise ValueError("BPTTTrainer needs an eval_dataset")
+        return self._ordered_loader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        return self._ordered_loader(test_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        key = "train" if model.training else "eval"
+        reset = bool(inputs.pop("reset_state", False))
+        state = None if reset else self._states.get(key)
+        if state is not None and state.batch_size != inputs["input_ids"].shape[0]:
+            state = None
+        inputs = {**inputs, "past_key_values": state, "use_cache": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._states[key] = outputs[STATE_FIELD].detach()
+        return (loss, outputs) if return_outputs else loss
+
+
+def token_nll(logits: torch.Tensor | tuple, labels: torch.Tensor | tuple) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: per-token NLL (B, T) float32, so that evaluation keeps B x T numbers instead
+    of B x T x V logits. `labels` is (labels, shift_labels) with label_names=["labels", "shift_labels"]."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if isinstance(labels, (tuple, list)):
+        targets = labels[-1]
+    else:  # plain causal-LM labels: shift them here, as the loss does
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    nll = F.cross_entropy(
+        logits.float().flatten(0, -2), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    )
+    return nll.view(targets.shape)
+
+
+class PerplexityMetric:
+    """`compute_metrics` for the Trainer: corpus perplexity of the per-token NLLs from `token_nll`.
+
+    The Trainer concatenates batches of different lengths by padding with -100, so the targets decide which entries
+    are tokens. Returns {"perplexity", "nll", "num_tokens"} (the Trainer prefixes them, e.g. eval_perplexity).
+    """
+
+    def __init__(self) -> None:
+        self.metric = evaluate.load(hf_basis.metrics.PERPLEXITY)
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        nll = np.asarray(eval_pred.predictions, dtype=np.float64)
+        labels = eval_pred.label_ids
+        targets = np.asarray(labels[-1] if isinstance(labels, (tuple, list)) else labels)
+        if not isinstance(labels, (tuple, list)):
+            targets = np.pad(targets, [(0, 0)] * (targets.ndim - 1) + [(0, 1)], constant_values=IGNORE_INDEX)[..., 1:]
+        mask = targets != IGNORE_INDEX
+        nll = nll.reshape(mask.shape[0], -1)
+        mask = mask.reshape(mask.shape[0], -1)
+        result = self.metric.compute(nll=np.where(mask, nll, 0.0).sum(axis=1), num_tokens=mask.sum(axis=1))
+        return {"perplexity": result["perplexity"], "nll": result["loss"], "num_tokens": result["num_tokens"]}
+
+
+class StopOnInterrupt(TrainerCallback):
+    """Ctrl-C (SIGINT) ends training at the end of the current optimizer step, through the Trainer's own stop flag,
+    so the recipe can still evaluate and save. A second Ctrl-C raises KeyboardInterrupt at once. Under DDP every
+    process stops at the same step (the flag is all-reduced)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupted = False
+        self._previous = None
+
+    def install(self) -> "StopOnInterrupt":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[hf_basis] Ctrl-C: stopping after this step, then evaluating and saving (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def _any_process_requested(self, args) -> bool:
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(self.requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.requested
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        print(f"[hf_basis] training started ({state.max_steps} steps)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_process_requested(args):
+            self.interrupted = True
+            control.should_training_stop = True
+            control.should_evaluate = False
+            control.should_save = False
+        return control
