@@ -1,0 +1,146 @@
+"""End-to-end training throughput: a 12-layer H=768 Llama-style LM with V=128,256, dense head vs 8 x 384 basis head.
+
+The setting of measured_anchors.md "End to end": untied embeddings, bf16 weights, AdamW, batch 8 x 2048 tokens, a
+plain PyTorch loop (forward with labels -> loss -> backward -> step -> zero_grad), SDPA attention, random tokens.
+  dense        nn.Linear head, transformers' default loss (F.cross_entropy on fp32-upcast logits)
+  dense_liger  same, Liger's fused linear CE patched in (if liger-kernel imports)
+  basis        the head replaced by a BasisLinear (8 x 384, random codes) with hf_basis' fused loss installed,
+               as hf_basis.convert does: training calls never build the logits
+Reports tokens/s over the timed steps (CUDA events), ms per step and the peak allocated memory (GiB) of the run.
+
+    PYTHONPATH=. python benchmarks/benchmark_train_throughput.py     # -> benchmarks/results/train_throughput_<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_utils import result_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_basis.integrations.fused_loss import install_fused_loss  # noqa: E402
+from hf_basis.modules.basis_linear import BasisLinear  # noqa: E402
+
+GiB = 2**30
+
+
+def build(head: str, args) -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=12, max_position_embeddings=args.seq, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    model.to(torch.bfloat16)
+    if head == "basis":
+        new = BasisLinear(768, args.vocab, args.num_basis, args.clusters, bias=False, device="cuda",
+                          dtype=torch.bfloat16)
+        with torch.no_grad():
+            new.codebook.codes.copy_(torch.randint(0, args.clusters, new.codebook.codes.shape, device="cuda"))
+        model.set_output_embeddings(new)
+        assert install_fused_loss(model)
+    elif head == "dense_liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+    return model.train()
+
+
+def run(head: str, args) -> dict:
+    model = build(head, args)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=g) for _ in range(4)]
+
+    def step(i):
+        ids = batches[i % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(args.steps):
+        loss = step(i)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / args.steps
+    result = {
+        "head": head, "params": params, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / GiB, "final_loss": loss.item(),
+    }
+    del model, opt, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", default="dense,dense_liger,basis")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--num-basis", type=int, default=8)
+    p.add_argument("--clusters", type=int, default=384)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    p.add_argument("--ce-config", default=None, help="JSON of Triton launcher configs (benchmark_basis_ce.py --tune)")
+    args = p.parse_args()
+    if args.ce_config:
+        from benchmarks.benchmark_basis_ce import apply_ce_config
+
+        apply_ce_config(json.loads(Path(args.ce_config).read_text())["tuned"])
+    name = torch.cuda.get_device_name()
+    results = []
+    for head in args.heads.split(","):
+        try:
+            r = run(head, args)
+        except Exception as e:  # noqa: BLE001 - e.g. liger-kernel missing
+            r = {"head": head, "error": f"{type(e).__name__}: {e}"[:300]}
+            gc.collect()
+            torch.cuda.empty_cache()
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    dense = next((r for r in results if r["head"] == "dense" and "tokens_per_s" in r), None)
+    lines = [f"device: {name}; Llama 12 x 768, V={args.vocab}, batch {args.batch} x {args.seq}, bf16, AdamW",
+             f"{'head':>12} | {'tokens/s':>10} | {'step ms':>8} | {'peak GiB':>8} | vs dense"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['head']:>12} | failed: {r['error']}")
+            continue
+        ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
+        lines.append(f"{r['head']:>12} | {r['tokens_per_s']:10.0f} | {r['step_ms']:8.1f} | {r['peak_gib']:8.2f} | "
+                     f"{ratio}")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out) if args.out else result_path("train_throughput", "cuda")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                               "ce_config_override": args.ce_config,
+                               "setting": vars(args), "results": results, "table": table}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

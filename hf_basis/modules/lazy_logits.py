@@ -1,0 +1,140 @@
+"""LazyLogits: a basis output layer's logits, not computed until something needs their values.
+
+In training, when the model was called with labels (hf_basis.integrations.fused_loss arms the head for that call),
+BasisLinear returns a LazyLogits instead of the (..., V) logits. It is a torch.Tensor subclass with the right shape,
+dtype, device and `requires_grad`, but no storage: it holds the head's inputs (hidden, centroids, codes, bias).
+
+  * The fused loss (`hf_basis.integrations.fused_loss`) recognises it and computes the cross-entropy straight from
+    those inputs (hf_basis.ops.basis_cross_entropy): the logits are never built.
+  * Any other use (`logits.float()`, `logits[:, -1]`, `torch.softmax(logits)`, printing, ...) goes through
+    `__torch_function__`, which computes the real logits once with the differentiable basis_linear, caches them, and
+    runs the op on them: user code that touches the logits stays correct (it only loses the memory saving).
+  * Final-logit soft-capping as Gemma 2 writes it (`logits / cap`, `torch.tanh`, `* cap`) is recognised and stays
+    lazy, recording `softcap = cap`; any other op in between materialises the partially transformed value.
+
+Metadata queries (shape, dtype, device, ...) never materialise.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.utils._pytree import tree_map
+
+from hf_basis.ops.basis_linear import basis_linear
+
+__all__ = ["LazyLogits"]
+
+_T = torch.Tensor
+# Reading these never needs the values.
+_METADATA = {
+    _T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.requires_grad.__get__, _T.ndim.__get__,
+    _T.is_cuda.__get__, _T.layout.__get__, _T.is_leaf.__get__, _T.grad_fn.__get__, _T.grad.__get__,
+    _T.is_sparse.__get__, _T.is_quantized.__get__, _T.is_meta.__get__,
+    _T.size, _T.dim, _T.numel, _T.nelement, _T.__len__, _T.element_size, _T.is_floating_point, _T.is_complex,
+    _T.get_device, _T.__hash__,
+}
+_DIV = {_T.__truediv__, _T.div, torch.div, torch.true_divide, _T.true_divide}
+_MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul, torch.multiply, _T.multiply}
+_TANH = {torch.tanh, _T.tanh}
+
+# Soft-capping stages: logits -> logits / cap -> tanh(logits / cap) -> cap * tanh(logits / cap)
+_PLAIN, _SCALED, _TANH_STAGE, _CAPPED = range(4)
+
+
+class LazyLogits(torch.Tensor):
+    """The (..., V) logits of a basis head, held as its inputs. See the module docstring.
+
+    Attributes:
+        hidden: (..., H) the head's input.
+        centroids: (B, K, H / B) in hidden's dtype; codes: (V, B); bias: (V,) or None.
+        softcap: the soft-capping value once `cap * tanh(logits / cap)` was applied, else None.
+    """
+
+    @staticmethod
+    def __new__(cls, hidden, centroids, codes, bias=None, *, _stage=_PLAIN, _cap=None):
+        shape = (*hidden.shape[:-1], codes.shape[0])
+        requires_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, centroids, bias)
+        )
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=hidden.dtype, device=hidden.device, requires_grad=requires_grad
+        )
+        self.hidden, self.centroids, self.codes, self.bias = hidden, centroids, codes, bias
+        self._stage, self._cap, self._value = _stage, _cap, None
+        return self
+
+    @property
+    def softcap(self) -> float | None:
+        return self._cap if self._stage == _CAPPED else None
+
+    @property
+    def fusable(self) -> bool:
+        """True when the fused loss can stand in for these logits (plain, or completely soft-capped)."""
+        return self._stage in (_PLAIN, _CAPPED) and self._value is None
+
+    def materialize(self) -> torch.Tensor:
+        """The real logits (a plain tensor, differentiable w.r.t. hidden / centroids / bias), computed once."""
+        if self._value is None:
+            logits = basis_linear(self.hidden, self.centroids, self.codes, self.bias)  # plain tensors in, plain out
+            if self._stage >= _SCALED:
+                logits = logits / self._cap
+            if self._stage >= _TANH_STAGE:
+                logits = torch.tanh(logits)
+            if self._stage == _CAPPED:
+                logits = logits * self._cap
+            self._value = logits
+        return self._value
+
+    def _next(self, stage: int, cap: float) -> "LazyLogits":
+        return LazyLogits(self.hidden, self.centroids, self.codes, self.bias, _stage=stage, _cap=cap)
+
+    def _softcap_step(self, func, args, kwargs):
+        """The next lazy stage if (func, args) continues `cap * tanh(logits / cap)`, else None."""
+        if kwargs or self._value is not None:
+            return None
+        other = args[1] if len(args) == 2 else None
+        scalar = isinstance(other, numbers.Real) and not isinstance(other, bool) and other > 0
+        if self._stage == _PLAIN and func in _DIV and args[0] is self and scalar:
+            return self._next(_SCALED, float(other))
+        if self._stage == _SCALED and func in _TANH and len(args) == 1:
+            return self._next(_TANH_STAGE, self._cap)
+        if self._stage == _TANH_STAGE and func in _MUL and scalar and math.isclose(float(other), self._cap,
+                                                                                    rel_tol=1e-6):
+            return self._next(_CAPPED, self._cap)
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if args and isinstance(args[0], LazyLogits):
+            step = args[0]._softcap_step(func, args, kwargs)
+            if step is not None:
+                return step
+        elif func in _MUL and len(args) == 2 and isinstance(args[1], LazyLogits) and not kwargs:
+            step = args[1]._softcap_step(func, (args[1], args[0]), kwargs)  # cap * tanh(...)
+            if step is not None:
+                return step
+
+        def unwrap(x):
+            return x.materialize() if isinstance(x, LazyLogits) else x
+
+        args, kwargs = tree_map(unwrap, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only by code that bypasses __torch_function__ (below autograd): computing the logits here would
+        # silently drop their gradient, so refuse loudly instead.
+        raise RuntimeError(
+            f"LazyLogits reached {func} below autograd; call `.materialize()` on the logits first, or disable "
+            "the fused loss (hf_basis.integrations.fused_loss.uninstall_fused_loss(model))"
+        )
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"LazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, softcap={self.softcap})"

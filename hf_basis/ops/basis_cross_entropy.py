@@ -1,0 +1,274 @@
+"""Cross-entropy through a basis (product-quantized) output layer without ever building the T x V logits.
+
+    P = centroid_scores(hidden, centroids)                      (B, K, T): one small bmm
+    l[t, w] = bias[w] + sum_b P[b, code[w, b], t]               never stored for all (t, w) at once
+    l'      = cap * tanh(l / cap)  if softcap else l            (Gemma-style final logit soft-capping)
+    lse[t]  = log sum_w exp(l'[t, w])                           fp32, streamed over the vocabulary
+
+Per non-ignored token t with target y (eps = label_smoothing, z = z_loss, V = vocabulary size):
+
+    loss[t] = (1 - eps) * (lse[t] - l'[t, y]) + eps * (lse[t] - sum_w l'[t, w] / V) + z * lse[t]**2
+
+which is exactly `F.cross_entropy(l', y, label_smoothing=eps)` per token (PyTorch's definition: the smoothing term is
+the mean over classes of -log softmax) plus the z-loss of PaLM / Liger's `lse_square_scale` (z * lse^2 per
+non-ignored token, reduced like the cross-entropy). Ignored tokens (label == ignore_index) contribute 0 and are not
+counted. Reductions: "mean" (sum / number of non-ignored tokens; NaN when there are none, as in PyTorch), "sum",
+"none" (per token, labels' shape). The loss is returned in fp32.
+
+Backward: with s[t] the upstream gradient of token t (the reduction folded in),
+
+    dloss/dl[t, w] = (s (1 + 2 z lse) softmax'[t, w] - s (1 - eps) [w = y] - s eps / V) * (1 - tanh^2 if softcap)
+
+recomputed chunk by chunk of tokens and scattered onto grad_P (then the bmm's backward gives hidden and centroids
+their gradients; grad_bias is the sum over tokens). Two implementations share this file's autograd Function:
+  "triton"  basis_cross_entropy_triton.py: forward = an online-lse kernel + a per-token finalize kernel; backward =
+            per token chunk a gradient kernel writing dloss/dl transposed (V, Tc), then the decode backward's
+            deterministic segment sum. CUDA.
+  "torch"   the PyTorch reference below, same contract (forward_stats_reference / ce_grad_reference): builds one
+            chunk's (Tc, V) fp32 logits at a time. The CPU path and the tests' oracle.
+Both paths use the same two-step contract: forward -> stats (4, T) [lse, 1 + 2 z lse, 1 - eps, eps / V; 0 where a
+token is not counted] and per-token loss; backward -> grad_P, grad_bias from stats and the upstream gradient.
+Memory: P (B*K*T), stats, and (Triton) one V x Tc gradient buffer of ~64 MiB; never T x V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_basis.ops.basis_decode import basis_decode_backward_reference, basis_decode_reference
+from hf_basis.ops.basis_linear import centroid_scores
+from hf_basis.ops.dispatch import use_triton
+
+__all__ = ["basis_cross_entropy", "lse_reference", "forward_stats_reference", "ce_grad_reference"]
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch")
+_REFERENCE_CHUNK_ELEMENTS = 2**24  # fp32 logits of one reference chunk: 64 MiB
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def _reference_chunk(T: int, V: int, chunk: int | None) -> int:
+    return max(1, chunk or _REFERENCE_CHUNK_ELEMENTS // max(V, 1))
+
+
+def _chunk_logits(P, codes, bias, t0, t1):
+    """fp32 logits (t1 - t0, V) of one token chunk."""
+    return basis_decode_reference(P[:, :, t0:t1].float(), codes, None if bias is None else bias.float())
+
+
+def lse_reference(
+    P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None,
+    with_sum: bool = False, chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch: lse (T,) fp32 of the (soft-capped) logits and, if `with_sum`, their sum over the vocabulary (T,)."""
+    B, K, T = P.shape
+    V = codes.shape[0]
+    lse = torch.empty(T, device=P.device, dtype=torch.float32)
+    total = torch.empty(T, device=P.device, dtype=torch.float32) if with_sum else None
+    step = _reference_chunk(T, V, chunk)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        logits = _softcap(_chunk_logits(P, codes, bias, t0, t1), softcap)
+        lse[t0:t1] = torch.logsumexp(logits, dim=1)
+        if with_sum:
+            total[t0:t1] = logits.sum(dim=1)
+    return lse, total
+
+
+def forward_stats_reference(
+    P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int = -100,
+    label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None, chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch: the forward's per-token quantities (the contract of the Triton `forward_stats_triton`).
+
+    Returns stats (4, T) fp32 [lse, cp, cy, cu] with cp = 1 + 2 z lse, cy = 1 - eps, cu = eps / V (all 0 for ignored
+    or out-of-range labels) and out (3, T) fp32 [loss (0 where not counted), valid (0/1), bad label (0/1)].
+    """
+    V = codes.shape[0]
+    lse, total = lse_reference(P, codes, bias, softcap, label_smoothing > 0, chunk)
+    valid = labels != ignore_index
+    ok = valid & (labels >= 0) & (labels < V)
+    target = torch.where(ok, labels, 0)
+    idx = codes[target].long()  # (T, B): B gathers per token from P, fp32 sum (as the kernels do)
+    target_logit = P.permute(2, 0, 1).gather(2, idx.unsqueeze(-1)).squeeze(-1).float().sum(dim=1)
+    if bias is not None:
+        target_logit = target_logit + bias[target].float()
+    loss = lse - _softcap(target_logit, softcap)
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total / V)
+    loss = loss + z_loss * lse * lse
+    okf = ok.float()
+    stats = torch.stack([lse, okf * (1.0 + 2.0 * z_loss * lse), okf * (1.0 - label_smoothing),
+                         okf * (label_smoothing / V)])
+    out = torch.stack([torch.where(ok, loss, 0.0), okf, (valid & ~ok).float()])
+    return stats, out
+
+
+def ce_grad_reference(
+    P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, stats: torch.Tensor, labels: torch.Tensor,
+    scale: torch.Tensor, softcap: float | None = None, need_bias_grad: bool = True, chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch: grad_P (B, K, T) fp32 and grad_bias (V,) fp32 of the loss, given the forward's stats.
+
+    g[t, w] = scale[t] (cp[t] softmax[t, w] - cy[t] [w = labels[t]] - cu[t])  (times 1 - tanh^2 when soft-capped);
+    scale: (T,) or (1,) upstream gradient per token with the reduction folded in.
+    """
+    B, K, T = P.shape
+    V = codes.shape[0]
+    lse = stats[0]
+    coefs = stats[1:] * scale.float()  # (3, T)
+    target = torch.where((labels >= 0) & (labels < V), labels, 0)  # cy = 0 wherever the label is not a word
+    grad_P = torch.empty(B, K, T, device=P.device, dtype=torch.float32)
+    grad_bias = torch.zeros(V, device=P.device, dtype=torch.float32) if need_bias_grad else None
+    step = _reference_chunk(T, V, chunk)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        cp, cy, cu = coefs[:, t0:t1, None]
+        z = _chunk_logits(P, codes, bias, t0, t1)
+        th = torch.tanh(z / softcap) if softcap is not None else None
+        logits = softcap * th if softcap is not None else z
+        g = cp * torch.exp(logits - lse[t0:t1, None]) - cu
+        g.scatter_add_(1, target[t0:t1, None].long(), -cy)
+        if softcap is not None:
+            g *= 1.0 - th * th
+        gP, gb = basis_decode_backward_reference(g, codes, K, need_bias_grad)
+        grad_P[:, :, t0:t1] = gP
+        if need_bias_grad:
+            grad_bias += gb
+    return grad_P, grad_bias
+
+
+def _kernels(impl: str):
+    if impl == "triton":
+        from hf_basis.ops.basis_cross_entropy_triton import ce_grad_triton, forward_stats_triton
+
+        return forward_stats_triton, ce_grad_triton
+    return forward_stats_reference, ce_grad_reference
+
+
+class BasisCrossEntropyFunction(torch.autograd.Function):
+    """hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B), bias (V,) or None, labels (T,) -> loss.
+
+    Kept lean on purpose: every PyTorch op is ~10 us of CPU, which matters next to ~1 ms of kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, impl, chunk):
+        forward_fn, _ = _kernels(impl)
+        P = centroid_scores(hidden, centroids).contiguous()  # (B, K, T)
+        kwargs = {"chunk": chunk} if impl == "torch" else {}
+        stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
+        sums = out.sum(dim=1)  # loss sum, number of counted tokens, number of out-of-range labels
+        torch._assert_async(sums[2] == 0, "basis_cross_entropy: a label is out of range [0, vocab)")
+        ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, sums)
+        ctx.options = (reduction, softcap, impl, chunk)
+        if reduction == "mean":
+            return sums[0] / sums[1]
+        if reduction == "sum":
+            return sums[0]
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, centroids, codes, bias, P, stats, labels, sums = ctx.saved_tensors
+        reduction, softcap, impl, chunk = ctx.options
+        _, grad_fn = _kernels(impl)
+        T, H = hidden.shape
+        B, K, d = centroids.shape
+        need_hidden, need_centroids, _, need_bias = ctx.needs_input_grad[:4]
+        need_bias = bool(need_bias and bias is not None)
+        if not (need_hidden or need_centroids or need_bias):
+            return (None,) * 12
+
+        if reduction == "mean":  # no counted token: the coefficients are all 0, keep the scale finite
+            scale = (grad_out.float() / sums[1].clamp_min(1.0)).reshape(1)
+        elif reduction == "sum":
+            scale = grad_out.float().reshape(1)
+        else:
+            scale = grad_out.float().contiguous()
+        grad_P, grad_bias = grad_fn(P, codes, bias, stats, labels, scale, softcap, need_bias, chunk=chunk)
+        grad_P = grad_P.to(P.dtype)  # (B, K, T)
+
+        grad_hidden = grad_centroids = None
+        if need_hidden:  # dP/dx: x[t, b*d:(b+1)*d] receives sum_k grad_P[b, k, t] C[b, k]
+            grad_hidden = torch.bmm(grad_P.transpose(1, 2), centroids).permute(1, 0, 2).reshape(T, H)
+        if need_centroids:  # dP/dC: C[b, k] receives sum_t grad_P[b, k, t] x_b[t]
+            grad_centroids = torch.bmm(grad_P, hidden.reshape(T, B, d).permute(1, 0, 2))
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_centroids, None, grad_bias, None, None, None, None, None, None, None, None
+
+
+def basis_cross_entropy(
+    hidden: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    *,
+    impl: str = "auto",
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of a basis output layer's logits against `labels`, without building the logits.
+
+    Args:
+        hidden: (..., H) activations entering the output layer.
+        centroids: (B, K, H / B) codebook centroids (cast to hidden's dtype, differentiably).
+        codes: (V, B) integer codes, fixed.
+        bias: (V,) or None.
+        labels: (...) int64 targets in [0, V) or `ignore_index`; hidden's leading shape.
+        ignore_index: label value that contributes nothing (and is not counted by "mean").
+        reduction: "mean", "sum" or "none" (per token, labels' shape, 0 at ignored tokens).
+        label_smoothing: eps in [0, 1], PyTorch's definition.
+        z_loss: z >= 0: adds z * lse^2 per non-ignored token (reduced like the loss).
+        softcap: if given, the logits are cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping).
+        impl: "auto" (Triton on CUDA, else PyTorch), "triton" (also on CPU under TRITON_INTERPRET=1), "torch".
+        chunk_tokens: tokens per chunk (defaults: the Triton path sizes its V x Tc buffer to stay in L2; the
+            PyTorch path builds at most 2**24 fp32 logits at a time).
+
+    Returns the loss in fp32 (a scalar, or labels' shape for reduction="none"). Gradients reach hidden, centroids and
+    bias; none of them ever needs a T x V tensor.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if centroids.dim() != 3:
+        raise ValueError(f"centroids must be (num_basis, num_clusters, sub_dim), got {tuple(centroids.shape)}")
+    B, K, d = centroids.shape
+    if codes.dim() != 2 or codes.shape[1] != B or codes.is_floating_point():
+        raise ValueError(f"codes must be an integer (vocab, num_basis={B}) tensor, got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    if hidden.shape[-1] != B * d:
+        raise ValueError(f"hidden has {hidden.shape[-1]} features but the codebook expects {B * d}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if bias is not None and bias.shape != (codes.shape[0],):
+        raise ValueError(f"bias must be (vocab={codes.shape[0]},), got {tuple(bias.shape)}")
+    if impl == "auto":
+        impl = "triton" if use_triton(hidden, codes) else "torch"
+
+    if centroids.dtype != hidden.dtype:
+        centroids = centroids.to(hidden.dtype)
+    lead = labels.shape
+    loss = BasisCrossEntropyFunction.apply(
+        hidden.reshape(-1, B * d), centroids, codes, bias, labels.reshape(-1), int(ignore_index), reduction,
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), impl, chunk_tokens,
+    )
+    return loss.view(lead) if reduction == "none" else loss

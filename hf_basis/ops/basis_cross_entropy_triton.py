@@ -1,0 +1,420 @@
+"""Triton kernels of the fused basis cross-entropy (imported lazily, only where `triton` exists).
+
+Shapes: P (B, K, T) centroid scores (contiguous, tokens fastest), codes (V, B) contiguous, bias (V,) or None.
+A logit is l[t, w] = bias[w] + sum_b P[b, code[w, b], t], optionally soft-capped: cap * tanh(l / cap).
+
+    forward  `_lse_kernel`       grid (token blocks, vocabulary splits). A program walks the words of its split in
+                                 BLOCK_V x BLOCK_T tiles, gathering B rows of P per tile (consecutive tokens, so each
+                                 gather reads BLOCK_T * 2 contiguous bytes), and keeps an online log-sum-exp per
+                                 (word slot, token) -- no cross-warp reduction inside the loop -- plus, for label
+                                 smoothing, the plain sum of the logits. Writes (splits, T) partials.
+             `_finalize_kernel`  per token: folds the partials into lse, gathers the target logit (B values of P),
+                                 and writes the loss, the valid flag and the per-token coefficients of the gradient
+                                 (stats (4, T): lse, cp, cy, cu; see below), so the autograd Function needs only a
+                                 handful of PyTorch ops around the kernels (launches cost ~10-35 us of CPU each).
+    backward `_ce_grad_kernel`   grid (word tiles,), one launch per token chunk [t0, t0 + n): a program owns BLOCK_V
+                                 words, walks the chunk's tokens, recomputes the logits, and writes the gradient of the
+                                 loss with respect to the logits straight into the transposed buffer Gt (V, Tc):
+                                     g[t, w] = s[t] * (cp[t] softmax[t, w] - cy[t] [w = y[t]] - cu[t])  (x cap')
+                                 (s: upstream gradient with the reduction folded in; cp = 1 + 2 z lse, cy = 1 - eps,
+                                 cu = eps / V, all 0 for ignored tokens; cap' = 1 - tanh^2 when soft-capped). Row sums
+                                 of g are added to grad_bias (fp32; the program owns its words: deterministic).
+             segment sum         grad_P[b, k, t] = sum over words w with code[w, b] = k of Gt[w, t]: the decode
+                                 backward's `_segment_sum_kernel` over its cached CSR of the codes (reused, not copied;
+                                 deterministic, no atomics), launched right after each chunk's gradient so Gt is read
+                                 back from L2.
+
+No T x V tensor is ever built: the largest temporary is Gt, V x Tc in P's dtype (Tc from `chunk_tokens`).
+Measured on an H100 (benchmarks/benchmark_basis_ce.py --breakdown): the gathers are bound by the L1/LSU work per
+gathered row, so wide token tiles win (64-128 bf16 tokens = 128-256 contiguous bytes per row: ~400 logits/ns; 16 or 8
+tokens, although their P slice would stay in L1: 120-250 logits/ns); the segment sum is bound by L2 bandwidth
+(B * V * T * 2 bytes read, 5.5-6 TB/s).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_basis.ops.basis_decode_triton import _segment_sum_kernel, codes_csr
+
+__all__ = ["lse_triton", "forward_stats_triton", "ce_grad_triton", "chunk_tokens", "SEGMENT_BLOCK_T"]
+
+_NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through one exp2: saturates cleanly to +-1 for large |x| (exp2 -> inf or 0).
+    e = tl.exp2(x * 2.8853900817779268)  # 2 * log2(e)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _gather_logits(P, codes, bias, offs_v, offs_t, mask, mask_v, stride_pb, stride_pk, softcap,
+                   NUM_BASIS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(BLOCK_V, BLOCK_T) fp32 logits of words offs_v for tokens offs_t; also tanh(l / cap) when soft-capping."""
+    acc = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    p_base = P
+    c_ptrs = codes + offs_v * NUM_BASIS
+    for _b in tl.static_range(NUM_BASIS):
+        code = tl.load(c_ptrs, mask=mask_v, other=0).to(tl.int32)
+        acc += tl.load(p_base + code[:, None] * stride_pk + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        p_base += stride_pb  # 64-bit pointer arithmetic across sub-spaces
+        c_ptrs += 1
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
+    th = acc
+    if HAS_SOFTCAP:
+        th = _tanh(acc / softcap)
+        acc = softcap * th
+    return acc, th
+
+
+@triton.jit
+def _lse_kernel(
+    P,  # (B, K, T) contiguous
+    codes,  # (V, B) contiguous integer
+    bias,  # (V,) or dummy
+    m_out,  # (S, T) fp32 running max per split
+    s_out,  # (S, T) fp32 sum of exp(l - m) per split
+    sum_out,  # (S, T) fp32 sum of logits per split (WITH_SUM) or dummy
+    V,
+    T,
+    v_per_split,
+    stride_pb,
+    softcap,
+    NUM_BASIS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_SUM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    local_v = tl.arange(0, BLOCK_V)
+    # Online log-sum-exp per (word slot, token), reduced once at the end: two exps per logit, but no cross-warp
+    # reduction per tile (which cost more, measured). Finite start: no (-inf) - (-inf) NaNs.
+    m2 = tl.full([BLOCK_V, BLOCK_T], -1.0e30, dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    total = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + local_v
+        mask_v = offs_v < v_end
+        mask = mask_v[:, None] & mask_t[None, :]
+        logits, _th = _gather_logits(P, codes, bias, offs_v, offs_t, mask, mask_v, stride_pb, T, softcap,
+                                     NUM_BASIS, HAS_BIAS, HAS_SOFTCAP, BLOCK_V, BLOCK_T)
+        if WITH_SUM:
+            total += tl.where(mask_v[:, None], logits, 0.0)
+        logits = tl.where(mask_v[:, None], logits, _NEG_INF)
+        m2_new = tl.maximum(m2, logits)
+        s2 = s2 * tl.exp(m2 - m2_new) + tl.exp(logits - m2_new)
+        m2 = m2_new
+    m = tl.max(m2, axis=0)
+    s = tl.sum(s2 * tl.exp(m2 - m[None, :]), axis=0)
+    out = split * T + offs_t
+    tl.store(m_out + out, m, mask=mask_t)
+    tl.store(s_out + out, s, mask=mask_t)
+    if WITH_SUM:
+        tl.store(sum_out + out, tl.sum(total, axis=0), mask=mask_t)
+
+
+@triton.jit
+def _finalize_kernel(
+    P,  # (B, K, T) contiguous
+    codes,  # (V, B) contiguous integer
+    bias,  # (V,) or dummy
+    labels,  # (T,) integer
+    m_part,  # (S, T) fp32
+    s_part,  # (S, T) fp32
+    sum_part,  # (S, T) fp32 or dummy
+    stats,  # (4, T) fp32 out: lse, cp, cy, cu
+    out,  # (3, T) fp32 out: loss (0 where ignored), valid (0/1), bad label (0/1)
+    V,
+    T,
+    K,
+    n_splits,
+    ignore_index,
+    eps,
+    z_loss,
+    softcap,
+    NUM_BASIS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_SUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < T
+    m = tl.full([BLOCK], _NEG_INF, dtype=tl.float32)
+    for i in range(n_splits):
+        m = tl.maximum(m, tl.load(m_part + i * T + offs, mask=mask, other=0.0))
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(n_splits):
+        s += tl.load(s_part + i * T + offs, mask=mask, other=0.0) * tl.exp(
+            tl.load(m_part + i * T + offs, mask=mask, other=0.0) - m)
+        if WITH_SUM:
+            total += tl.load(sum_part + i * T + offs, mask=mask, other=0.0)
+    lse = tl.where(mask, m + tl.log(tl.where(mask, s, 1.0)), 0.0)
+
+    y = tl.load(labels + offs, mask=mask, other=ignore_index).to(tl.int64)
+    valid = mask & (y != ignore_index)
+    bad = valid & ((y < 0) | (y >= V))
+    ok = valid & (y >= 0) & (y < V)
+    yy = tl.where(ok, y, 0)
+    target = tl.zeros([BLOCK], dtype=tl.float32)
+    p_base = P
+    for b in tl.static_range(NUM_BASIS):
+        code = tl.load(codes + yy * NUM_BASIS + b, mask=mask, other=0).to(tl.int64)
+        target += tl.load(p_base + code * T + offs, mask=mask, other=0.0).to(tl.float32)
+        p_base += K * T
+    if HAS_BIAS:
+        target += tl.load(bias + yy, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        target = softcap * _tanh(target / softcap)
+    loss = lse - target
+    if WITH_SUM:
+        loss = (1.0 - eps) * loss + eps * (lse - total / V)
+    loss += z_loss * lse * lse
+    okf = ok.to(tl.float32)
+    tl.store(stats + offs, lse, mask=mask)
+    tl.store(stats + T + offs, okf * (1.0 + 2.0 * z_loss * lse), mask=mask)
+    tl.store(stats + 2 * T + offs, okf * (1.0 - eps), mask=mask)
+    tl.store(stats + 3 * T + offs, okf * (eps / V), mask=mask)
+    tl.store(out + offs, tl.where(ok, loss, 0.0), mask=mask)
+    tl.store(out + T + offs, okf, mask=mask)
+    tl.store(out + 2 * T + offs, bad.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    P,  # (B, K, T) contiguous
+    codes,  # (V, B) contiguous integer
+    bias,  # (V,) or dummy
+    stats,  # (4, T) fp32: lse, cp, cy, cu
+    labels,  # (T,) integer (ignored / out-of-range tokens have cp = cy = cu = 0)
+    scale,  # upstream gradient per token (with the reduction folded in): scale[t * scale_stride]
+    Gt,  # (V, Tc) output, row stride stride_g, P's dtype
+    gbias,  # (V,) fp32 accumulated in place, or dummy
+    V,
+    T,
+    t_start,
+    n_tok,
+    stride_g,
+    stride_pb,
+    scale_stride,
+    softcap,
+    NUM_BASIS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_BIAS_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    local_t = tl.arange(0, BLOCK_T)
+    rows = Gt + offs_v.to(tl.int64)[:, None] * stride_g
+    bias_acc = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, n_tok, BLOCK_T):
+        offs_l = t0 + local_t  # position inside the chunk
+        mask_t = offs_l < n_tok
+        offs_t = t_start + offs_l  # token index
+        mask = mask_v[:, None] & mask_t[None, :]
+        logits, th = _gather_logits(P, codes, bias, offs_v, offs_t, mask, mask_v, stride_pb, T, softcap,
+                                    NUM_BASIS, HAS_BIAS, HAS_SOFTCAP, BLOCK_V, BLOCK_T)
+        # Per-token values loaded after the gathers: fewer registers live across them (measured 40% faster).
+        sc = tl.load(scale + offs_t * scale_stride, mask=mask_t, other=0.0)
+        row_lse = tl.load(stats + offs_t, mask=mask_t, other=0.0)
+        cp = sc * tl.load(stats + T + offs_t, mask=mask_t, other=0.0)
+        cy = sc * tl.load(stats + 2 * T + offs_t, mask=mask_t, other=0.0)
+        cu = sc * tl.load(stats + 3 * T + offs_t, mask=mask_t, other=0.0)
+        y = tl.load(labels + offs_t, mask=mask_t, other=-1)
+        g = cp[None, :] * tl.exp(logits - row_lse[None, :]) - cu[None, :]
+        g -= tl.where(offs_v[:, None] == y[None, :], cy[None, :], 0.0)
+        if HAS_SOFTCAP:
+            g *= 1.0 - th * th
+        g = tl.where(mask, g, 0.0)
+        tl.store(rows + offs_l[None, :], g.to(Gt.dtype.element_ty), mask=mask)
+        if NEED_BIAS_GRAD:
+            bias_acc += g
+    if NEED_BIAS_GRAD:
+        gb = tl.load(gbias + offs_v, mask=mask_v, other=0.0) + tl.sum(bias_acc, axis=1)
+        tl.store(gbias + offs_v, gb, mask=mask_v)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs: fixed heuristics by shape, kept apart from the kernels. Override through the launchers' `config=`.
+# --------------------------------------------------------------------------------------------------------------------
+
+SEGMENT_BLOCK_T = 64  # token tile of the segment sum; chunks are multiples of it
+_GT_BYTES = 64 * 2**20  # Gt (V x Tc) budget: ~32M logits of work per chunk (amortises ~30 us of launches), mostly L2
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: fewer programs
+
+
+def chunk_tokens(T: int, V: int, element_size: int, budget_bytes: int = _GT_BYTES) -> int:
+    """Tokens per backward chunk: Gt (V, Tc) within `budget_bytes`, a multiple of SEGMENT_BLOCK_T, <= T rounded up."""
+    tc = max(SEGMENT_BLOCK_T, (budget_bytes // max(1, V * element_size)) // SEGMENT_BLOCK_T * SEGMENT_BLOCK_T)
+    return min(tc, triton.cdiv(max(T, 1), SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T)
+
+
+def _splits(n_blocks: int, V: int, block_v: int, programs_per_sm: int, device: torch.device) -> int:
+    """Vocabulary splits so that n_blocks x splits ~ programs_per_sm programs per SM, each walking >= 4 word tiles."""
+    return max(1, min(triton.cdiv(programs_per_sm * _num_sms(device), n_blocks), triton.cdiv(V, 4 * block_v)))
+
+
+def _lse_config(T: int, V: int, device: torch.device) -> dict:
+    # H100 (--breakdown, bf16): 64 tokens per gathered row (128 contiguous bytes) x 128 words, 8 warps: 3.24 ms at
+    # T=8192, V=128256 and 0.31 ms at T=2048, V=50000 (32 x 128 x 4 warps: 3.59 / 0.32; 16 tokens: 4.2 / 0.38).
+    block_t, block_v = 64, 128
+    splits = _splits(triton.cdiv(T, block_t), V, block_v, 4, device)
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": 8, "num_stages": 1}
+
+
+def _grad_config(Tc: int, V: int) -> dict:
+    # H100: 128 tokens x 32 words, 4 warps: 2.56 ms / 0.27 ms for the two shapes above (32 x 128: 4.0 / 0.48).
+    return {"BLOCK_T": 128, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _segment_config(Tc: int) -> dict:
+    return {"BLOCK_W": 32, "BLOCK_T": min(SEGMENT_BLOCK_T, triton.next_power_of_2(Tc)), "num_warps": 4, "num_stages": 2}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check(P: torch.Tensor, codes: torch.Tensor) -> None:
+    if not P.is_contiguous():
+        raise ValueError("P must be contiguous (B, K, T)")
+    if P.shape[0] != codes.shape[1]:
+        raise ValueError(f"P has {P.shape[0]} sub-spaces, codes {codes.shape[1]}")
+
+
+def lse_partials_triton(P, codes, bias, softcap=None, with_sum=False, config=None):
+    """Per-split partials of the online log-sum-exp: m, s (and the logit sum) as (S, T) fp32."""
+    _check(P, codes)
+    codes = codes.contiguous()
+    B, K, T = P.shape
+    V = codes.shape[0]
+    cfg = dict(config or _lse_config(T, V, P.device))
+    splits = cfg.pop("splits")
+    cfg.pop("programs_per_sm", None)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(V, v_per_split)
+    m = torch.empty((splits, T), device=P.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    total = torch.empty_like(m) if with_sum else m
+    if T > 0:
+        _lse_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), splits)](
+            P, codes, bias if bias is not None else P, m, s, total, V, T, v_per_split, P.stride(0),
+            float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            WITH_SUM=with_sum, **cfg,
+        )
+    return m, s, (total if with_sum else None)
+
+
+def lse_triton(P, codes, bias, softcap=None, with_sum=False, config=None):
+    """lse (T,) fp32 of the (soft-capped) logits and, if `with_sum`, their sum over the vocabulary (T,)."""
+    m, s, total = lse_partials_triton(P, codes, bias, softcap, with_sum, config)
+    m_max = m.max(dim=0).values
+    lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(dim=0))
+    return lse, (total.sum(dim=0) if with_sum else None)
+
+
+def forward_stats_triton(P, codes, bias, labels, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         config=None):
+    """The forward's per-token quantities: stats (4, T) [lse, cp, cy, cu] and out (3, T) [loss, valid, bad label].
+
+    Two launches (`_lse_kernel`, `_finalize_kernel`); see the module docstring for the definitions.
+    """
+    codes = codes.contiguous()
+    B, K, T = P.shape
+    V = codes.shape[0]
+    with_sum = label_smoothing > 0
+    m, s, total = lse_partials_triton(P, codes, bias, softcap, with_sum, config)
+    stats = torch.empty((4, T), device=P.device, dtype=torch.float32)
+    out = torch.empty((3, T), device=P.device, dtype=torch.float32)
+    if T > 0:
+        block = 256
+        _finalize_kernel[(triton.cdiv(T, block),)](
+            P, codes, bias if bias is not None else P, labels, m, s, total if with_sum else m, stats, out,
+            V, T, K, m.shape[0], int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 1.0),
+            NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
+            BLOCK=block, num_warps=4,
+        )
+    return stats, out
+
+
+def ce_grad_triton(
+    P: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    softcap: float | None = None,
+    need_bias_grad: bool = True,
+    chunk: int | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient of the loss with respect to P and the bias, chunk by chunk of tokens.
+
+    stats: (4, T) fp32 [lse, cp, cy, cu]; labels: (T,); scale: (T,) or (1,) fp32 upstream gradient per token.
+    Per chunk: `_ce_grad_kernel` writes Gt (V, Tc), then the decode backward's segment sum folds it into grad_P.
+    Returns grad_P (B, K, T) in P's dtype (fp32 accumulation) and grad_bias (V,) fp32 or None.
+    """
+    _check(P, codes)
+    codes = codes.contiguous()
+    B, K, T = P.shape
+    V = codes.shape[0]
+    dev = P.device
+    Tc = chunk or chunk_tokens(T, V, P.element_size())
+    Tc = triton.cdiv(Tc, SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T if Tc >= SEGMENT_BLOCK_T else Tc
+    n_chunks = triton.cdiv(T, Tc) if T > 0 else 0
+    gcfg = dict((config or {}).get("grad") or _grad_config(Tc, V))
+    scfg = dict((config or {}).get("segment") or _segment_config(Tc))
+    gbias = torch.zeros(V, device=dev, dtype=torch.float32) if need_bias_grad else None
+    # grad_P chunk by chunk as (n, B, K, Tc); columns past T in the last chunk are dropped below.
+    gP = torch.empty((n_chunks, B, K, Tc), device=dev, dtype=P.dtype)
+    if n_chunks:
+        words, seg_offsets = codes_csr(codes, K)
+        Gt = torch.empty((V, Tc), device=dev, dtype=P.dtype)
+        if n_chunks == 1 and T < Tc:
+            Gt[:, T:].zero_()  # padding columns are dropped, but keep uninitialised NaNs out of the segment sums
+        grid_g = (triton.cdiv(V, gcfg["BLOCK_V"]),)
+        grid_s = (B * K, triton.cdiv(Tc, scfg["BLOCK_T"]))
+        scale_stride = 1 if scale.numel() > 1 else 0
+        for i in range(n_chunks):
+            t0 = i * Tc
+            _ce_grad_kernel[grid_g](
+                P, codes, bias if bias is not None else P, stats, labels, scale, Gt,
+                gbias if gbias is not None else stats, V, T, t0, min(Tc, T - t0), Tc, P.stride(0), scale_stride,
+                float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                NEED_BIAS_GRAD=need_bias_grad, **gcfg,
+            )
+            _segment_sum_kernel[grid_s](Gt, words, seg_offsets, gP[i], Tc, **scfg)
+    grad_P = gP.permute(1, 2, 0, 3).reshape(B, K, n_chunks * Tc)[:, :, :T]
+    return grad_P, gbias
