@@ -174,10 +174,10 @@ def convert(
         "tied": tied,
         "layers": layers,
     }
-    from hf_basis.integrations.serialization import attach_quantization_config  # quantization_config, save, push
+    # Imported here: hf_basis.integrations imports this module (compress-on-load), so a top-level import would cycle.
+    from hf_basis.integrations.fused_loss import install_fused_loss
+    from hf_basis.integrations.serialization import attach_quantization_config
 
-    attach_quantization_config(model)
-    from hf_basis.integrations.fused_loss import install_fused_loss  # training loss: fused basis CE, no logits
-
-    install_fused_loss(model)
+    attach_quantization_config(model)  # quantization_config in config.json, tied-tensor names, atomic save, push
+    install_fused_loss(model)  # training calls with labels go through the fused basis cross-entropy
     return model

@@ -38,13 +38,9 @@ class BasisEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if codebook is None:
-            codebook = Codebook(num_embeddings, embedding_dim, num_basis, num_clusters, device=device, dtype=dtype)
-        elif (codebook.num_embeddings, codebook.embedding_dim) != (num_embeddings, embedding_dim):
-            raise ValueError(
-                f"codebook is {codebook.num_embeddings} x {codebook.embedding_dim}, "
-                f"but the embedding is {num_embeddings} x {embedding_dim}"
-            )
+        codebook = Codebook.get_or_create(
+            codebook, num_embeddings, embedding_dim, num_basis, num_clusters, device=device, dtype=dtype
+        )
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")

@@ -42,13 +42,10 @@ class BasisLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if codebook is None:
-            codebook = Codebook(out_features, in_features, num_basis, num_clusters, device=device, dtype=dtype)
-        elif (codebook.num_embeddings, codebook.embedding_dim) != (out_features, in_features):
-            raise ValueError(
-                f"codebook is {codebook.num_embeddings} x {codebook.embedding_dim}, "
-                f"but the layer is out_features={out_features} x in_features={in_features}"
-            )
+        # The weight is V x H: out_features rows of width in_features.
+        codebook = Codebook.get_or_create(
+            codebook, out_features, in_features, num_basis, num_clusters, device=device, dtype=dtype
+        )
         self.in_features = in_features
         self.out_features = out_features
         self.codebook = codebook

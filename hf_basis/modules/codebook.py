@@ -70,9 +70,27 @@ class Codebook(nn.Module):
             book.centroids.copy_(result.centroids)
         return book, result.relative_error
 
-    @property
-    def sub_dim(self) -> int:
-        return self.embedding_dim // self.num_basis
+    @classmethod
+    def get_or_create(
+        cls,
+        codebook: "Codebook | None",
+        num_embeddings: int,
+        embedding_dim: int,
+        num_basis: int,
+        num_clusters: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "Codebook":
+        """`codebook` when given (a shared one; its V x D must match), else a new one of this shape."""
+        if codebook is None:
+            return cls(num_embeddings, embedding_dim, num_basis, num_clusters, device=device, dtype=dtype)
+        if (codebook.num_embeddings, codebook.embedding_dim) != (num_embeddings, embedding_dim):
+            raise ValueError(
+                f"codebook is {codebook.num_embeddings} x {codebook.embedding_dim}, "
+                f"but the layer needs {num_embeddings} x {embedding_dim} (rows x width)"
+            )
+        return codebook
 
     def decode(self) -> torch.Tensor:
         """The dense (V, D) matrix. Costs O(V*D) memory and time: for interoperability and inspection only."""

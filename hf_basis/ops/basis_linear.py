@@ -3,7 +3,7 @@
     P_b = C_b @ h_b^T            (the centroid projection; one small bmm for all sub-spaces)
     logits[t, w] = bias[w] + sum_b P[b, code[w, b], t]   (the decode; see basis_decode.py)
 
-Cost O(T*K*H + T*V*B) instead of O(T*V*H). Autograd through the bmm is PyTorch's; the decode is an autograd Function.
+Cost O(T*K*H + T*V*B) instead of O(T*V*H). The projection and the decode are each an autograd Function.
 """
 
 from __future__ import annotations
@@ -15,15 +15,44 @@ from hf_basis.ops.basis_decode import basis_decode
 __all__ = ["basis_linear", "centroid_scores"]
 
 
+class CentroidScores(torch.autograd.Function):
+    """P = per-sub-space centroid scores, with a backward that writes grad_x straight into x's (T, H) layout.
+
+    Plain autograd through `bmm(C, x.view(T, B, d).permute(1, 2, 0))` returns grad_x as a (B, d, T) tensor that the
+    reshape back to (T, H) must copy; here the backward bmm writes into a (T, B, d) buffer through a permuted view
+    (cuBLAS takes that column-major output as it is), which saves one pass over grad_x and two autograd nodes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        B, _, d = centroids.shape
+        ctx.save_for_backward(x, centroids)
+        return torch.bmm(centroids, x.reshape(T, B, d).permute(1, 2, 0))  # (B, K, T)
+
+    @staticmethod
+    def backward(ctx, grad_P: torch.Tensor):
+        x, centroids = ctx.saved_tensors
+        T = x.shape[0]
+        B, _, d = centroids.shape
+        grad_P = grad_P.to(centroids.dtype)  # under autocast the forward bmm may have run in a lower precision
+        grad_x = grad_centroids = None
+        if ctx.needs_input_grad[0]:
+            buf = torch.empty(T, B, d, dtype=centroids.dtype, device=centroids.device)
+            torch.bmm(centroids.transpose(1, 2), grad_P, out=buf.permute(1, 2, 0))  # (B, d, T) in x's layout
+            grad_x = buf.view(T, B * d).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_centroids = torch.bmm(grad_P, x.reshape(T, B, d).transpose(0, 1).to(centroids.dtype))  # (B, K, d)
+        return grad_x, grad_centroids
+
+
 def centroid_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """P = per-sub-space centroid scores. x: (T, H), centroids: (B, K, d) with H = B*d -> P: (B, K, T).
 
     The (B, K, T) layout puts consecutive tokens of one centroid next to each other, which is what the decode
     gathers: `torch.bmm(C, x.view(T, B, d).permute(1, 2, 0))` yields it without a copy of P.
     """
-    T = x.shape[0]
-    B, _, d = centroids.shape
-    return torch.bmm(centroids, x.reshape(T, B, d).permute(1, 2, 0))
+    return CentroidScores.apply(x, centroids)
 
 
 def basis_linear(
