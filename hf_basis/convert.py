@@ -7,6 +7,7 @@ leaves the model untouched. What was done is recorded in `model.hf_basis_config`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,6 +70,42 @@ def _check_plain(module: nn.Module, base: type, role: str) -> None:
         )
 
 
+def _check_token_frequencies(
+    token_frequencies: torch.Tensor | Sequence[float], emb: nn.Embedding | None, head: nn.Linear | None
+) -> torch.Tensor:
+    """`token_frequencies` as a 1-D tensor with one entry per row of the layers to compress (their vocabulary).
+
+    Checked here (before anything is built or the model touched) so that errors name `token_frequencies`, not
+    product_quantize's `sample_weight`.
+    """
+    try:
+        frequencies = torch.as_tensor(token_frequencies)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"token_frequencies must be a 1-D tensor or sequence of per-token counts: {e}") from None
+    vocab_sizes = {layer.weight.shape[0] for layer in (emb, head) if layer is not None}
+    if len(vocab_sizes) != 1:  # untied layers of different vocabularies: one frequency per token id cannot fit both
+        raise ValueError(
+            f"token_frequencies needs one vocabulary, but the input embedding and the output layer have "
+            f"{sorted(vocab_sizes)} rows"
+        )
+    (vocab_size,) = vocab_sizes
+    if frequencies.dim() != 1 or frequencies.shape[0] != vocab_size:
+        raise ValueError(
+            f"token_frequencies must be 1-D of length {vocab_size} (the vocabulary size, one entry per token id), "
+            f"got shape {tuple(frequencies.shape)}"
+        )
+    if frequencies.dtype == torch.bool or frequencies.is_complex():
+        raise ValueError(f"token_frequencies must hold real counts or probabilities, got {frequencies.dtype}")
+    values = frequencies.detach().to(torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("token_frequencies contains NaN or infinite values")
+    if bool((values < 0).any()):
+        raise ValueError("token_frequencies must be non-negative (counts or probabilities)")
+    if not bool((values > 0).any()):
+        raise ValueError("token_frequencies is all zero: at least one token must have a positive frequency")
+    return frequencies.detach()
+
+
 def convert(
     model: nn.Module,
     num_basis: int = 8,
@@ -79,6 +116,7 @@ def convert(
     modules: str = "both",
     seed: int = 0,
     stochastic_round: bool = False,
+    token_frequencies: torch.Tensor | Sequence[float] | None = None,
 ) -> nn.Module:
     """Compress the input embedding and/or the output layer (lm_head) of a model, in place; returns the model.
 
@@ -92,6 +130,11 @@ def convert(
         modules: "both", "input" (embedding only) or "output" (lm_head only).
         seed: k-means++ seed (method="basis") or stochastic-rounding seed (method="quant").
         stochastic_round: method="quant": stochastic instead of deterministic rounding.
+        token_frequencies: method="basis" only: a 1-D tensor or sequence of length V (the vocabulary size), each
+            token's count or probability in the training data. The k-means of the input embedding and of the output
+            layer (both have one row per token id) is then weighted by it, so frequent tokens get the most accurate
+            rows; rare ones still get codes. Non-negative, finite, not all zero. Recorded as
+            `hf_basis_config["token_frequency_weighted"]`. The reported relative errors stay unweighted.
 
     Tied input/output embeddings stay tied: both modules share one Codebook (or QuantizedTable).
     """
@@ -104,6 +147,11 @@ def convert(
             raise TypeError(f"convert() needs a model with {accessor}() (a transformers PreTrainedModel)")
     if method == "quant":
         check_nbit(nbit)
+        if token_frequencies is not None:
+            raise ValueError(
+                'token_frequencies applies to method="basis" (frequency-weighted k-means); '
+                'method="quant" has no k-means to weight: leave it unset'
+            )
 
     emb = model.get_input_embeddings() if modules in ("both", "input") else None
     head = model.get_output_embeddings() if modules in ("both", "output") else None
@@ -121,16 +169,23 @@ def convert(
         for layer in (emb, head):
             if layer is not None:
                 check_basis_shape(layer.weight.shape[0], layer.weight.shape[1], num_basis, num_clusters)
+    frequencies = None
+    if token_frequencies is not None:
+        frequencies = _check_token_frequencies(token_frequencies, emb, head)
 
     # Build every replacement before touching the model: an error below leaves it as it was.
     new_emb = new_head = None
     errors: dict[str, float] = {}
     if method == "basis":
         if emb is not None:
-            new_emb, errors["input"] = BasisEmbedding.from_embedding(emb, num_basis, num_clusters, seed=seed)
+            new_emb, errors["input"] = BasisEmbedding.from_embedding(
+                emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies
+            )
         if head is not None:
             shared = new_emb.codebook if tied else None
-            new_head, errors["output"] = BasisLinear.from_linear(head, num_basis, num_clusters, seed=seed, codebook=shared)
+            new_head, errors["output"] = BasisLinear.from_linear(
+                head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies
+            )
     else:
         quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
         if emb is not None:
@@ -172,6 +227,7 @@ def convert(
         "seed": seed,
         "stochastic_round": stochastic_round if method == "quant" else None,
         "tied": tied,
+        "token_frequency_weighted": frequencies is not None,
         "layers": layers,
     }
     # Imported here: hf_basis.integrations imports this module (compress-on-load), so a top-level import would cycle.

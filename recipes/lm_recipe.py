@@ -40,6 +40,7 @@ __all__ = ["CompressionArguments", "DataArguments", "ModelArguments", "main", "p
 
 ARCHITECTURES = ("lstm_lm", "gpt2", "llama")
 COMPRESSIONS = ("none", "basis", "quant")
+PQ_WEIGHTINGS = ("uniform", "frequency")
 
 
 @dataclass
@@ -86,6 +87,11 @@ class CompressionArguments:
                           " 0: convert before training"},
     )
     compression_seed: int = 0
+    pq_weighting: str = field(
+        default="uniform",
+        metadata={"help": f"basis: one of {PQ_WEIGHTINGS}; frequency weights each word's row in the k-means by its"
+                          " count in the training tokens (the frequent words get the most accurate rows)"},
+    )
     compressed_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the phase after the conversion (default: --learning_rate)"}
     )
@@ -114,6 +120,10 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
         parser.error(f"--architecture must be one of {ARCHITECTURES}")
     if comp_args.compression not in COMPRESSIONS:
         parser.error(f"--compression must be one of {COMPRESSIONS}")
+    if comp_args.pq_weighting not in PQ_WEIGHTINGS:
+        parser.error(f"--pq_weighting must be one of {PQ_WEIGHTINGS}")
+    if comp_args.pq_weighting == "frequency" and comp_args.compression != "basis":
+        parser.error("--pq_weighting frequency needs --compression basis (it weights the product-quantization k-means)")
     if comp_args.dense_warmup_epochs and comp_args.compression == "none":
         parser.error("--dense_warmup_epochs needs --compression basis or quant")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
@@ -222,10 +232,12 @@ def _phases(comp_args: CompressionArguments, total_epochs: float) -> list[tuple[
     return [(comp_args.compression, total_epochs, True)]
 
 
-def _convert(model, comp_args: CompressionArguments) -> None:
+def _convert(model, comp_args: CompressionArguments, token_counts: torch.Tensor | None = None) -> None:
+    """token_counts: (vocab,) training-token counts, passed as token_frequencies (--pq_weighting frequency)."""
     hf_basis.convert(
         model, num_basis=comp_args.num_basis, num_clusters=comp_args.num_clusters, method=comp_args.compression,
         nbit=comp_args.nbit, modules=comp_args.basis_modules, seed=comp_args.compression_seed,
+        token_frequencies=token_counts,
     )
 
 
@@ -261,6 +273,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
         for split in ("train", "validation", "test")
     }
     datasets = _datasets(model_args, data_args, training_args, streams)
+    # Frequency-weighted PQ: each word's count in the tokens actually trained on (after --max_train_tokens).
+    token_counts = (
+        torch.bincount(streams["train"], minlength=len(tokenizer)) if comp_args.pq_weighting == "frequency" else None
+    )
 
     model = build_model(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
     params_before, bytes_before = embedding_head_size(model)
@@ -276,7 +292,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                 stopper.interrupted = True
                 break
             if convert_first:
-                _convert(model, comp_args)
+                _convert(model, comp_args, token_counts)
             args = copy.deepcopy(training_args)
             args.num_train_epochs = epochs
             if convert_first and comp_args.compressed_learning_rate is not None:

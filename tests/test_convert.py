@@ -1,5 +1,6 @@
 """convert / report / quantize_embed on tiny random transformers models of several architectures."""
 
+import copy
 import json
 
 import pytest
@@ -162,6 +163,56 @@ def test_bad_arguments_leave_model_untouched(kwargs, exc, match):
     model = tiny_model("llama", V, H, tie=False)
     state, types = snapshot(model)
     with pytest.raises(exc, match=match):
+        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
+    after_state, after_types = snapshot(model)
+    assert after_types == types
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert not hasattr(model, "hf_basis_config")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_token_frequencies_weight_the_basis_kmeans(tie):
+    counts = torch.randint(0, 50, (V,), generator=torch.Generator().manual_seed(0))
+    counts[:10] = 5000  # a few very frequent tokens
+    dense = tiny_model("gpt2", V, H, tie=tie)
+    weighted = hf_basis.convert(copy.deepcopy(dense), num_basis=4, num_clusters=16, token_frequencies=counts)
+    plain = hf_basis.convert(copy.deepcopy(dense), num_basis=4, num_clusters=16)
+    assert weighted.hf_basis_config["token_frequency_weighted"] is True
+    assert plain.hf_basis_config["token_frequency_weighted"] is False
+    json.dumps(weighted.hf_basis_config)
+    emb, head = weighted.get_input_embeddings(), weighted.get_output_embeddings()
+    assert (head.codebook is emb.codebook) == tie
+    # both layers were fitted with the weights: the frequent rows are reconstructed better than without them
+    for dense_layer, w_layer, p_layer in (
+        (dense.get_input_embeddings(), emb, plain.get_input_embeddings()),
+        (dense.get_output_embeddings(), head, plain.get_output_embeddings()),
+    ):
+        ref = dense_layer.weight.detach()[:10]
+        err_w = (w_layer.codebook.decode().detach()[:10] - ref).norm()
+        err_p = (p_layer.codebook.decode().detach()[:10] - ref).norm()
+        assert err_w < err_p
+    # a sequence of probabilities is accepted too
+    probs = (counts / counts.sum()).tolist()
+    llama = tiny_model("llama", V, H, tie=False)
+    model = hf_basis.convert(llama, num_basis=4, num_clusters=16, token_frequencies=probs)
+    assert model.hf_basis_config["token_frequency_weighted"] is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "quant", "token_frequencies": torch.ones(V)}, r'token_frequencies applies to method="basis"'),
+        ({"token_frequencies": torch.ones(V - 1)}, rf"token_frequencies must be 1-D of length {V}"),
+        ({"token_frequencies": torch.ones(V, 2)}, rf"token_frequencies must be 1-D of length {V}"),
+        ({"token_frequencies": -torch.ones(V)}, "token_frequencies must be non-negative"),
+        ({"token_frequencies": torch.zeros(V)}, "token_frequencies is all zero"),
+        ({"token_frequencies": torch.full((V,), float("nan"))}, "token_frequencies contains NaN"),
+    ],
+)
+def test_bad_token_frequencies_leave_model_untouched(kwargs, match):
+    model = tiny_model("llama", V, H, tie=False)
+    state, types = snapshot(model)
+    with pytest.raises(ValueError, match=match):
         hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
     after_state, after_types = snapshot(model)
     assert after_types == types

@@ -19,6 +19,12 @@ Algorithm
    its points; re-seed empty clusters from the points farthest from their centroid (per sub-space).
    Stop when the objective (sum of squared distances) decreases by less than `tol` relative, or after `max_iter`.
 
+Weighted k-means (`sample_weight`, one non-negative weight per row, e.g. a word's corpus frequency) minimises
+sum_w weight[w] * ||x_w - c(x_w)||^2 instead: k-means++ draws with probability proportional to weight * D^2 (the
+first pick proportional to weight), each centroid moves to the weighted mean of its points, a cluster whose points
+weigh 0 in total counts as empty, and the stopping rule reads the weighted objective. The words a model sees most get
+the most accurate rows, which is what the loss cares about. Weights are shared by all sub-spaces (they weigh rows).
+
 Degenerate inputs are handled without NaN: with fewer distinct rows than K (V < K, duplicate rows), k-means++ gives
 each distinct row its own centroid and the surplus centroids become copies of existing rows.
 """
@@ -100,6 +106,7 @@ def product_quantize(
     seed: int = 0,
     max_iter: int = 25,
     tol: float = 1e-4,
+    sample_weight: torch.Tensor | None = None,
 ) -> PQResult:
     """Product-quantize a (V, D) matrix: k-means with `num_clusters` centroids in each of `num_basis` sub-spaces.
 
@@ -112,13 +119,21 @@ def product_quantize(
             identical codes and centroids.
         max_iter: maximum number of Lloyd iterations (>= 0).
         tol: stop once the k-means objective decreases by less than this fraction in one iteration (>= 0).
+        sample_weight: optional (V,) non-negative finite weights, not all zero (a tensor or anything
+            `torch.as_tensor` takes; integer counts are fine): weighted k-means, see the module docstring. Only ratios
+            matter (the weights are rescaled to a maximum of 1). Rows of weight 0 still get codes but do not pull
+            any centroid. Constant weights are the unweighted problem and give exactly the unweighted result.
+            None (default): every row weighs the same.
 
     Returns:
         PQResult with codes (V, B) in `code_dtype(K)`, centroids (B, K, d) float32 and the relative Frobenius error.
+        `relative_error` is always the unweighted ||W - W_q||_F / ||W||_F, whatever `sample_weight`, so errors of
+        weighted and unweighted runs compare directly.
     """
     V, D, B, K = _check_args(weight, num_basis, num_clusters, max_iter, tol)
     d = D // B
     device = weight.device
+    weights = _check_sample_weight(sample_weight, V, device)  # (V,) float32 in [0, 1], or None
     with torch.no_grad(), _ieee_fp32_matmul(device):
         # (V, D) -> (V, B, d) -> (B, V, d): each sub-space's sub-vectors contiguous, so per-sub-space matmuls are bmm.
         X = weight.detach().to(torch.float32).reshape(V, B, d).permute(1, 0, 2).contiguous()  # (B, V, d)
@@ -131,12 +146,13 @@ def product_quantize(
         if num_init_rows < V:
             rows = torch.randperm(V, generator=generator, device=device)[:num_init_rows]
             X_init = X[:, rows]  # (B, S, d)
+            w_init = None if weights is None else weights[rows]  # (S,)
         else:
-            X_init = X
-        centroids = _kmeans_pp_init(X_init, K, generator)  # (B, K, d)
-        del X_init
+            X_init, w_init = X, weights
+        centroids = _kmeans_pp_init(X_init, K, generator, w_init)  # (B, K, d)
+        del X_init, w_init
 
-        centroids, assign, _, iterations = _lloyd(X, centroids, max_iter, tol)  # (B, K, d), (B, V)
+        centroids, assign, _, iterations = _lloyd(X, centroids, max_iter, tol, weights)  # (B, K, d), (B, V)
 
         relative_error = _relative_error(X, centroids, assign)
         codes = assign.t().to(code_dtype(K)).contiguous()  # (V, B)
@@ -182,6 +198,37 @@ def _check_args(weight: torch.Tensor, num_basis: int, num_clusters: int, max_ite
     return V, D, B, K
 
 
+def _check_sample_weight(sample_weight: object, V: int, device: torch.device) -> torch.Tensor | None:
+    """Validate `sample_weight`; return it as (V,) float32 on `device` scaled to a maximum of 1, or None.
+
+    None is returned for None and for constant weights: both are the unweighted problem, and taking the unweighted
+    code path makes the result bit-identical to it (weighted sums round differently from plain ones).
+    """
+    if sample_weight is None:
+        return None
+    try:
+        w = torch.as_tensor(sample_weight)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"sample_weight must be a (vocab,) tensor of non-negative weights: {e}") from None
+    if w.dtype == torch.bool or w.is_complex():
+        raise ValueError(f"sample_weight must hold real numbers (float or integer counts), got {w.dtype}")
+    if w.shape != (V,):
+        raise ValueError(f"sample_weight must have shape ({V},) (one weight per row of weight), got {tuple(w.shape)}")
+    # float64 for the checks and the rescaling: large integer counts and tiny probabilities both stay exact enough,
+    # and the max-1 scaling keeps weight * D^2 far from float32 overflow.
+    w = w.detach().to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("sample_weight contains NaN or infinite values; weights must be finite")
+    if bool((w < 0).any()):
+        raise ValueError(f"sample_weight must be non-negative, got a minimum of {float(w.min())}")
+    w_max = float(w.max())
+    if w_max == 0.0:
+        raise ValueError("sample_weight is all zero: at least one row must have a positive weight")
+    if float(w.min()) == w_max:
+        return None
+    return (w / w_max).to(torch.float32)
+
+
 def _as_int(name: str, value: object) -> int:
     """Accept Python / numpy integers (not bools, not floats)."""
     if isinstance(value, bool):
@@ -221,8 +268,14 @@ def _chunk_rows(B: int, K: int) -> int:
     return max(1, _CHUNK_BYTES // (B * K * 4))
 
 
-def _kmeans_pp_init(X: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_pp_init(
+    X: torch.Tensor, K: int, generator: torch.Generator, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Batched k-means++ seeding: X (B, S, d) fp32 -> centroids (B, K, d), all chosen among X's rows.
+
+    weights: optional (S,) non-negative row weights. Then the first centroid is drawn proportional to weight and
+    every later one proportional to weight * D^2, so a row of weight 0 is drawn only by the uniform fallback below
+    (when all the remaining weighted mass is 0). None: the classic draws (first one uniform), unchanged.
 
     Each new centroid is drawn with probability proportional to the squared distance to the nearest centroid already
     chosen (per sub-space). When every remaining point coincides with a chosen centroid (total weight 0: fewer
@@ -234,19 +287,28 @@ def _kmeans_pp_init(X: torch.Tensor, K: int, generator: torch.Generator) -> torc
     device = X.device
     sub = torch.arange(B, device=device)  # (B,)
     centroids = X.new_empty(B, K, d)  # (B, K, d)
-    first = torch.randint(S, (B,), generator=generator, device=device)  # (B,)
-    centroids[:, 0] = X[sub, first]
-    min_d2 = (X - centroids[:, :1]).square_().sum(-1)  # (B, S): squared distance to the nearest chosen centroid
     uniform_cum = torch.arange(1, S + 1, device=device, dtype=torch.float32).expand(B, S)  # (B, S)
-    for k in range(1, K):
-        cum = min_d2.cumsum(1)  # (B, S)
-        # Degenerate sub-spaces (all points already chosen) fall back to a uniform draw; torch.where keeps this
-        # branch-free so there is no host sync per step on CUDA.
+
+    def draw(mass: torch.Tensor) -> torch.Tensor:
+        """One row per sub-space drawn proportional to mass (B, S) >= 0 -> (B,) indices."""
+        cum = mass.cumsum(1)  # (B, S)
+        # Degenerate sub-spaces (all points already chosen, or all remaining mass on weight-0 rows) fall back to a
+        # uniform draw; torch.where keeps this branch-free so there is no host sync per step on CUDA.
         degenerate = cum[:, -1:] <= 0  # (B, 1)
         cum = torch.where(degenerate, uniform_cum, cum)
         u = torch.rand(B, 1, generator=generator, device=device) * cum[:, -1:]  # (B, 1), in [0, total)
-        # First index whose cumulative weight exceeds u: a zero-weight point (already a centroid) is never picked.
-        pick = torch.searchsorted(cum, u, right=True).clamp_(max=S - 1).squeeze(1)  # (B,)
+        # First index whose cumulative mass exceeds u: a zero-mass point (already a centroid, or weight 0) is never
+        # picked.
+        return torch.searchsorted(cum, u, right=True).clamp_(max=S - 1).squeeze(1)  # (B,)
+
+    if weights is None:
+        first = torch.randint(S, (B,), generator=generator, device=device)  # (B,)
+    else:
+        first = draw(weights.expand(B, S))  # (B,)
+    centroids[:, 0] = X[sub, first]
+    min_d2 = (X - centroids[:, :1]).square_().sum(-1)  # (B, S): squared distance to the nearest chosen centroid
+    for k in range(1, K):
+        pick = draw(min_d2 if weights is None else min_d2 * weights)  # (B,)
         new = X[sub, pick]  # (B, d)
         centroids[:, k] = new
         torch.minimum(min_d2, (X - new[:, None]).square_().sum(-1), out=min_d2)
@@ -282,6 +344,8 @@ def _cluster_sums(
     """Per-cluster sums and counts: X (B, V, d), codes (B, V) -> sums (B, K, d) fp32, counts (B, K) int64.
 
     use_one_hot: None picks index_add_ on CPU and the one-hot bmm elsewhere (see below); tests force either path.
+    Weighted k-means passes `_weighted_points(X, weights)` (B, V, d + 1) as X: the sums are then the weighted sums
+    with the total weight of each cluster in the last column, on the same deterministic paths.
     """
     B, V, d = X.shape
     flat = (codes + torch.arange(B, device=X.device).unsqueeze(1) * K).reshape(-1)  # (B*V,) ids into B*K clusters
@@ -303,24 +367,56 @@ def _cluster_sums(
     return sums, counts
 
 
-def _update(X: torch.Tensor, codes: torch.Tensor, min_dist: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
+def _weighted_points(X: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """X (B, V, d), weights (V,) -> (B, V, d + 1): each point times its weight, then the weight itself.
+
+    Summing these rows per cluster (`_cluster_sums`, either path) gives the weighted sums and the total weight of
+    every cluster in one pass, with the same deterministic reduction as the unweighted sums. Built once per run:
+    the weights do not change between iterations.
+    """
+    B, V, _ = X.shape
+    w = weights.view(1, V, 1).expand(B, V, 1)  # (B, V, 1)
+    return torch.cat([X * w, w], dim=2)  # (B, V, d + 1)
+
+
+def _update(
+    X: torch.Tensor,
+    codes: torch.Tensor,
+    min_dist: torch.Tensor,
+    K: int,
+    weights: torch.Tensor | None = None,
+    weighted_X: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
     """One centroid update: means of the assigned points; empty clusters are re-seeded.
 
     X (B, V, d), codes (B, V), min_dist (B, V) = squared distance of each point to its current centroid.
+    weights: optional (V,) row weights, with weighted_X = _weighted_points(X, weights) (B, V, d + 1). Then the
+    centroids are weighted means and a cluster is empty when its points weigh 0 in total (no points, or only
+    weight-0 ones: its weighted mean would be 0 / 0).
     Returns new centroids (B, K, d) and the number of empty clusters re-seeded (summed over sub-spaces).
 
-    The i-th empty cluster of sub-space b (in centroid order) takes the i-th farthest point of sub-space b, so the
-    points worst served by the current codebook get their own centroid. That can only lower the objective. When a
-    sub-space has more empty clusters than points (V < K) the farthest points are reused: copies, never NaN.
+    The i-th empty cluster of sub-space b (in centroid order) takes the i-th farthest point of sub-space b (by
+    weight * squared distance when weighted), so the points worst served by the current codebook get their own
+    centroid. That can only lower the objective. When a sub-space has more empty clusters than points (V < K) the
+    farthest points are reused: copies, never NaN.
     """
     B, V, d = X.shape
-    sums, counts = _cluster_sums(X, codes, K)  # (B, K, d), (B, K)
-    centroids = sums / counts.clamp(min=1).unsqueeze(2).to(sums.dtype)  # (B, K, d)
-    empty = counts == 0  # (B, K)
+    if weights is None:
+        sums, counts = _cluster_sums(X, codes, K)  # (B, K, d), (B, K)
+        centroids = sums / counts.clamp(min=1).unsqueeze(2).to(sums.dtype)  # (B, K, d)
+        empty = counts == 0  # (B, K)
+        cost = min_dist  # (B, V): what each point adds to the objective
+    else:
+        assert weighted_X is not None
+        sums_w, _ = _cluster_sums(weighted_X, codes, K)  # (B, K, d + 1)
+        sums, total = sums_w[..., :d], sums_w[..., d]  # (B, K, d), (B, K) total weight per cluster
+        empty = total <= 0  # (B, K)
+        centroids = sums / torch.where(empty, 1.0, total).unsqueeze(2)  # (B, K, d)
+        cost = min_dist * weights  # (B, V)
     num_empty = int(empty.sum())
     if num_empty:
         take = min(int(empty.sum(1).max()), V)
-        farthest = min_dist.topk(take, dim=1).indices  # (B, take), farthest first
+        farthest = cost.topk(take, dim=1).indices  # (B, take), farthest first
         rank = (empty.long().cumsum(1) - 1).clamp_(min=0) % take  # (B, K): i for the i-th empty cluster
         src = farthest.gather(1, rank)  # (B, K) row feeding each cluster (used only where empty)
         seeds = X.gather(1, src.unsqueeze(2).expand(B, K, d))  # (B, K, d)
@@ -329,22 +425,31 @@ def _update(X: torch.Tensor, codes: torch.Tensor, min_dist: torch.Tensor, K: int
 
 
 def _lloyd(
-    X: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float
+    X: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Lloyd's iterations from the given centroids.
 
-    X (B, V, d), centroids (B, K, d) -> (centroids (B, K, d), codes (B, V), min_dist (B, V), iterations).
-    The returned codes are the assignment to the returned centroids. Stops when the objective (total squared
-    distance, summed over sub-spaces) decreases by less than `tol` relative to the previous one, or after max_iter.
+    X (B, V, d), centroids (B, K, d), weights optional (V,) ->
+    (centroids (B, K, d), codes (B, V), min_dist (B, V), iterations).
+    The returned codes are the assignment to the returned centroids (nearest centroid: weights do not change which
+    centroid is nearest). Stops when the objective (total squared distance, weighted by `weights` when given,
+    summed over sub-spaces) decreases by less than `tol` relative to the previous one, or after max_iter.
     """
     K = centroids.shape[1]
+    weighted_X = None if weights is None else _weighted_points(X, weights)  # (B, V, d + 1)
+
+    def total(min_dist: torch.Tensor) -> float:
+        if weights is None:
+            return float(min_dist.sum(dtype=torch.float64))
+        return float((min_dist.double() * weights.double()).sum())
+
     codes, min_dist = _assign(X, centroids)
-    objective = float(min_dist.sum(dtype=torch.float64))
+    objective = total(min_dist)
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        centroids, _ = _update(X, codes, min_dist, K)
+        centroids, _ = _update(X, codes, min_dist, K, weights, weighted_X)
         codes, min_dist = _assign(X, centroids)
-        new_objective = float(min_dist.sum(dtype=torch.float64))
+        new_objective = total(min_dist)
         converged = objective - new_objective <= tol * objective  # also true once objective is 0
         objective = new_objective
         if converged:

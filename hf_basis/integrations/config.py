@@ -65,6 +65,8 @@ class BasisConfig(QuantizationConfigMixin):
         stochastic_round: method="quant": stochastic rounding when compressing.
         layers: {module name: {role, kind, aliases, shape, dense_dtype, relative_error, tied_to}} as recorded by
             `hf_basis.convert` in `model.hf_basis_config["layers"]`; None for a config that compresses on load.
+        token_frequency_weighted: method="basis": the k-means was weighted by token frequencies
+            (`hf_basis.convert(..., token_frequencies=...)`); informational, loading does not need the frequencies.
         format_version: checkpoint layout version (written by hf_basis; leave the default).
         **kwargs: ignored (forward compatibility with configs written by newer versions).
 
@@ -82,6 +84,7 @@ class BasisConfig(QuantizationConfigMixin):
         seed: int = 0,
         stochastic_round: bool | None = None,
         layers: dict[str, dict[str, Any]] | None = None,
+        token_frequency_weighted: bool = False,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -100,6 +103,7 @@ class BasisConfig(QuantizationConfigMixin):
         self.tied = tied
         self.seed = seed
         self.stochastic_round = stochastic_round
+        self.token_frequency_weighted = bool(token_frequency_weighted)
         self.layers = None if layers is None else {str(k): _clean_layer(v) for k, v in dict(layers).items()}
         self.format_version = format_version
         self.hf_basis_version = kwargs.pop("hf_basis_version", None) or _version()
@@ -210,6 +214,7 @@ class BasisConfig(QuantizationConfigMixin):
             "seed": self.seed,
             "stochastic_round": self.stochastic_round,
             "tied": self.tied,
+            "token_frequency_weighted": self.token_frequency_weighted,
             "layers": None if self.layers is None else {k: dict(v) for k, v in self.layers.items()},
         }
 

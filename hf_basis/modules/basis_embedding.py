@@ -52,12 +52,26 @@ class BasisEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(
-        cls, embedding: nn.Embedding, num_basis: int, num_clusters: int, *, seed: int = 0, codebook: Codebook | None = None
+        cls,
+        embedding: nn.Embedding,
+        num_basis: int,
+        num_clusters: int,
+        *,
+        seed: int = 0,
+        codebook: Codebook | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> tuple["BasisEmbedding", float]:
-        """Compress an nn.Embedding (k-means PQ of its weight). Returns the module and the relative error."""
+        """Compress an nn.Embedding (k-means PQ of its weight). Returns the module and the relative error.
+
+        sample_weight: optional (num_embeddings,) non-negative weight per row, e.g. each token's training-set
+        frequency: weighted k-means spends the codebook's accuracy on the rows used most (see
+        `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is given (nothing is fitted then).
+        """
         error = float("nan")
         if codebook is None:
-            codebook, error = Codebook.from_weight(embedding.weight, num_basis, num_clusters, seed=seed)
+            codebook, error = Codebook.from_weight(
+                embedding.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
+            )
         module = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,

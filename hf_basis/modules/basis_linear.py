@@ -56,15 +56,27 @@ class BasisLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, num_basis: int, num_clusters: int, *, seed: int = 0, codebook: Codebook | None = None
+        cls,
+        linear: nn.Linear,
+        num_basis: int,
+        num_clusters: int,
+        *,
+        seed: int = 0,
+        codebook: Codebook | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> tuple["BasisLinear", float]:
         """Compress an nn.Linear(H, V) (k-means PQ of its weight). Returns the module and the relative error.
 
         Pass `codebook` to reuse the input embedding's codebook (tied weights); the bias is copied.
+        sample_weight: optional (out_features,) non-negative weight per output row, e.g. each token's training-set
+        frequency, for weighted k-means (see `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is
+        given (nothing is fitted then).
         """
         error = float("nan")
         if codebook is None:
-            codebook, error = Codebook.from_weight(linear.weight, num_basis, num_clusters, seed=seed)
+            codebook, error = Codebook.from_weight(
+                linear.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
+            )
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, codebook=codebook,
             device=linear.weight.device, dtype=linear.weight.dtype,

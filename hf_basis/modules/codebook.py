@@ -56,15 +56,25 @@ class Codebook(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, num_basis: int, num_clusters: int, *, seed: int = 0
+        cls,
+        weight: torch.Tensor,
+        num_basis: int,
+        num_clusters: int,
+        *,
+        seed: int = 0,
+        sample_weight: torch.Tensor | None = None,
     ) -> tuple["Codebook", float]:
         """Product-quantize `weight` (V, D) with batched k-means on its device.
 
-        Returns the codebook (centroids in weight's dtype) and the relative reconstruction error ||W - W_q|| / ||W||.
+        sample_weight: optional (V,) non-negative row weights (e.g. token frequencies) for weighted k-means; see
+        `hf_basis.compress.pq.product_quantize`.
+
+        Returns the codebook (centroids in weight's dtype) and the relative reconstruction error ||W - W_q|| / ||W||
+        (unweighted, also when `sample_weight` is given).
         """
         V, D = weight.shape
         book = cls(V, D, num_basis, num_clusters, device=weight.device, dtype=weight.dtype)
-        result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed)
+        result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed, sample_weight=sample_weight)
         with torch.no_grad():
             book.codes.copy_(result.codes)
             book.centroids.copy_(result.centroids)

@@ -345,3 +345,161 @@ def test_bad_weight_and_options():
         product_quantize(torch.randn(10, 4), 2, 4, tol=-1.0)
     with pytest.raises(ValueError, match="num_basis"):
         product_quantize(torch.randn(10, 4), 2.0, 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weighted k-means (sample_weight)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def weighted_objective(W: torch.Tensor, result: PQResult, w: torch.Tensor) -> float:
+    """sum_v w[v] * ||W[v] - decode[v]||^2, in float64."""
+    err = (W.double() - reconstruct(result.codes, result.centroids).double()).square().sum(1)  # (V,)
+    return float((err * w.double()).sum())
+
+
+def heavy_point_data():
+    """1-D data: 101 light points evenly on [-1, 1] and one point at 1.5 weighing 10^4 times as much.
+
+    Unweighted, K=2 splits the light points (centroids near -0.5 and 0.55: splitting costs ~100/12 + the heavy
+    point's ~0.9, a centroid on 1.5 costs ~100/3). Weighted, missing the heavy point costs >= 10^4 * 0.9, so one
+    centroid sits on it, pulled off by only the few light points nearest to it (~12 points of weight 1 around 0.9:
+    about 0.0007).
+    """
+    light = torch.linspace(-1.0, 1.0, 101)
+    W = torch.cat([light, torch.tensor([1.5])]).unsqueeze(1)  # (102, 1)
+    w = torch.ones(102)
+    w[-1] = 1e4
+    return W, w
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighting_puts_a_centroid_on_the_heavy_point(seed):
+    W, w = heavy_point_data()
+    weighted = product_quantize(W, 1, 2, seed=seed, sample_weight=w)
+    unweighted = product_quantize(W, 1, 2, seed=seed)
+    c_w = weighted.centroids[0, :, 0]  # (K,)
+    c_u = unweighted.centroids[0, :, 0]  # (K,)
+    assert float((c_w - 1.5).abs().min()) < 2e-3
+    assert float((c_u - 1.5).abs().min()) > 0.5
+    # the heavy point is decoded almost exactly only when weighted
+    assert abs(float(reconstruct(weighted.codes, weighted.centroids)[-1, 0]) - 1.5) < 2e-3
+    # and each solution is the better one for the objective it minimises
+    assert weighted_objective(W, weighted, w) < weighted_objective(W, unweighted, w)
+    assert weighted_objective(W, unweighted, torch.ones(102)) < weighted_objective(W, weighted, torch.ones(102))
+
+
+def test_zero_weight_light_points_leave_centroid_exactly_on_heavy_point():
+    # With the light points near it at weight 0, the heavy point's cluster mean is exactly the heavy point.
+    W, w = heavy_point_data()
+    w[:101][W[:101, 0] > 0.5] = 0.0
+    result = product_quantize(W, 1, 2, seed=0, sample_weight=w)
+    assert 1.5 in result.centroids[0, :, 0].tolist()
+
+
+@pytest.mark.parametrize(
+    "make_weights",
+    [
+        lambda V: torch.ones(V),
+        lambda V: torch.full((V,), 0.25, dtype=torch.float64),
+        lambda V: torch.full((V,), 7, dtype=torch.long),  # integer counts
+        lambda V: [3.0] * V,  # a plain sequence
+    ],
+)
+def test_constant_weights_are_bit_identical_to_unweighted(make_weights):
+    W, _ = planted(200, 4, 8, 8, noise=0.5, seed=21)
+    W = W + 0.3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+    ref = product_quantize(W, 4, 8, seed=3)
+    out = product_quantize(W, 4, 8, seed=3, sample_weight=make_weights(200))
+    assert torch.equal(ref.codes, out.codes)
+    assert torch.equal(ref.centroids, out.centroids)
+    assert ref.relative_error == out.relative_error and ref.iterations == out.iterations
+
+
+def test_weighted_lloyd_with_unit_weights_matches_unweighted_lloyd():
+    # The weighted code path itself (product_quantize short-cuts constant weights): from the same start, unit
+    # weights give the same assignments; centroids agree to rounding (weighted sums round differently).
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(3, 400, 4, generator=g)  # (B, V, d)
+    init = X[:, :16].clone()  # (B, K=16, d)
+    c_u, codes_u, dist_u, it_u = pq._lloyd(X, init, max_iter=15, tol=0.0)
+    c_w, codes_w, dist_w, it_w = pq._lloyd(X, init, max_iter=15, tol=0.0, weights=torch.ones(400))
+    assert torch.equal(codes_u, codes_w) and it_u == it_w
+    torch.testing.assert_close(c_u, c_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dist_u, dist_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_one_hot", [False, True])
+def test_weighted_cluster_sums_match_reference(use_one_hot):
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(2, 40, 3, generator=g)  # (B, V, d)
+    w = torch.rand(40, generator=g)
+    codes = torch.randint(0, 5, (2, 40), generator=g)
+    sums, _ = pq._cluster_sums(pq._weighted_points(X, w), codes, 5, use_one_hot=use_one_hot)  # (B, K, d + 1)
+    ref = torch.zeros(2, 5, 4)
+    for b in range(2):
+        for v in range(40):
+            ref[b, codes[b, v], :3] += w[v] * X[b, v]
+            ref[b, codes[b, v], 3] += w[v]
+    torch.testing.assert_close(sums, ref)
+
+
+def test_weighted_update_reseeds_zero_weight_clusters():
+    # Cluster 1 holds only a weight-0 point: it counts as empty and takes the point of largest weight * distance.
+    X = torch.tensor([[[0.0], [1.0], [10.0], [4.0]]])  # (B=1, V=4, d=1)
+    w = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    codes = torch.tensor([[0, 0, 1, 0]])
+    min_dist = torch.tensor([[1.0, 0.0, 0.0, 9.0]])  # weighted cost: 1, 0, 0, 18
+    centroids, num_empty = pq._update(X, codes, min_dist, 2, w, pq._weighted_points(X, w))
+    assert num_empty == 1
+    torch.testing.assert_close(centroids[0, :, 0], torch.tensor([(0.0 + 3.0 + 8.0) / 6.0, 4.0]))
+
+
+def test_zero_weights_no_nan_and_positive_rows_kept():
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(300, 8, generator=g)
+    w = torch.zeros(300)
+    w[[3, 100, 250]] = torch.tensor([5.0, 1.0, 0.5])  # fewer weighted rows than clusters
+    result = product_quantize(W, 2, 8, seed=0, sample_weight=w)
+    assert torch.isfinite(result.centroids).all()
+    assert int(result.codes.long().max()) < 8
+    decoded = reconstruct(result.codes, result.centroids)
+    torch.testing.assert_close(decoded[[3, 100, 250]], W[[3, 100, 250]])  # each got its own centroid
+    # some zero weights among many positive ones: still finite, and rerunning is deterministic
+    w2 = torch.rand(300, generator=g)
+    w2[::4] = 0.0
+    a = product_quantize(W, 2, 8, seed=4, sample_weight=w2)
+    b = product_quantize(W, 2, 8, seed=4, sample_weight=w2)
+    assert torch.isfinite(a.centroids).all()
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.centroids, b.centroids)
+
+
+def test_weighted_relative_error_is_unweighted_and_frequency_weighting_helps_frequent_rows():
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(2000, 16, generator=g)
+    zipf = 1.0 / torch.arange(1, 2001, dtype=torch.float64)  # word frequencies ~ 1 / rank
+    weighted = product_quantize(W, 4, 16, seed=0, sample_weight=zipf)
+    plain = product_quantize(W, 4, 16, seed=0)
+    exact = float((W - reconstruct(weighted.codes, weighted.centroids)).norm() / W.norm())
+    assert weighted.relative_error == pytest.approx(exact, rel=1e-5)
+    assert weighted.relative_error > plain.relative_error  # unweighted error: the plain fit is better at it
+    assert weighted_objective(W, weighted, zipf) < weighted_objective(W, plain, zipf)
+
+
+@pytest.mark.parametrize(
+    "sample_weight, match",
+    [
+        (torch.ones(99), r"sample_weight must have shape \(100,\)"),
+        (torch.ones(100, 1), r"sample_weight must have shape \(100,\)"),
+        (torch.tensor([float("nan")] + [1.0] * 99), "sample_weight contains NaN or infinite"),
+        (torch.tensor([float("inf")] + [1.0] * 99), "sample_weight contains NaN or infinite"),
+        (torch.tensor([-1.0] + [1.0] * 99), "sample_weight must be non-negative"),
+        (torch.zeros(100), "sample_weight is all zero"),
+        (torch.ones(100, dtype=torch.bool), "sample_weight must hold real numbers"),
+        ("abc", "sample_weight must be"),
+    ],
+)
+def test_bad_sample_weight(sample_weight, match):
+    W = torch.randn(100, 8)
+    with pytest.raises(ValueError, match=match):
+        product_quantize(W, 2, 4, sample_weight=sample_weight)

@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import hf_basis
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 
@@ -67,6 +69,11 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
         parse_args([str(bad)], train_ptb.PTB_DEFAULTS)
     with pytest.raises(SystemExit):
         parse_args(["--dense_warmup_epochs", "2", "--num_train_epochs", "2", "--compression", "basis"], {})
+    assert comp_args.pq_weighting == "uniform"
+    with pytest.raises(SystemExit):
+        parse_args(["--pq_weighting", "zipf", "--compression", "basis"], {})
+    with pytest.raises(SystemExit):
+        parse_args(["--pq_weighting", "frequency", "--compression", "quant"], {})
     for name in os.listdir(os.path.join(REPO, "recipes", "configs")):  # every shipped config parses
         parse_args([os.path.join(REPO, "recipes", "configs", name)], train_ptb.PTB_DEFAULTS)
 
@@ -104,6 +111,29 @@ def test_ptb_recipe_dense_then_basis(tiny_corpus, tmp_path):
     assert [layer["name"] for layer in layers] == ["lm_head"] and layers[0]["kind"] == "BasisLinear"
     assert results["emb_head_bytes_after"] < results["emb_head_bytes_before"]
     assert math.isfinite(json.loads((out / "results.json").read_text())["test_perplexity"])
+
+
+def test_ptb_recipe_frequency_weighted_basis(tiny_corpus, tmp_path, monkeypatch):
+    seen = {}
+    convert = hf_basis.convert
+
+    def spy(model, *args, **kwargs):
+        seen["token_frequencies"] = kwargs.get("token_frequencies")
+        seen["vocab"] = model.get_input_embeddings().num_embeddings
+        return convert(model, *args, **kwargs)
+
+    monkeypatch.setattr(hf_basis, "convert", spy)
+    results = train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(tmp_path / "freq"), "--num_train_epochs", "1", "--num_basis", "4",
+         "--num_clusters", "8", "--per_device_train_batch_size", "4", "--pq_weighting", "frequency",
+         "--dense_warmup_epochs", "0"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    counts = seen["token_frequencies"]
+    assert counts is not None and counts.shape == (seen["vocab"],)
+    assert counts.dtype == torch.int64 and int(counts.sum()) > 0
+    assert results["compression"] == "basis" and math.isfinite(results["test_perplexity"])
 
 
 def test_wikitext_recipe_trains_a_small_gpt2(tiny_corpus, tmp_path):
