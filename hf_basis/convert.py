@@ -16,7 +16,7 @@ from torch import nn
 from hf_basis.modules.basis_embedding import BasisEmbedding
 from hf_basis.modules.basis_linear import BasisLinear
 from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear, quantize_embed
-from hf_basis.validation import check_basis_shape, check_nbit
+from hf_basis.validation import as_row_weights, check_basis_shape, check_nbit
 
 __all__ = ["convert", "quantize_embed", "COMPRESSED_MODULES"]
 
@@ -78,10 +78,7 @@ def _check_token_frequencies(
     Checked here (before anything is built or the model touched) so that errors name `token_frequencies`, not
     product_quantize's `sample_weight`.
     """
-    try:
-        frequencies = torch.as_tensor(token_frequencies)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"token_frequencies must be a 1-D tensor or sequence of per-token counts: {e}") from None
+    frequencies = as_row_weights(token_frequencies, "token_frequencies")
     vocab_sizes = {layer.weight.shape[0] for layer in (emb, head) if layer is not None}
     if len(vocab_sizes) != 1:  # untied layers of different vocabularies: one frequency per token id cannot fit both
         raise ValueError(
@@ -94,16 +91,7 @@ def _check_token_frequencies(
             f"token_frequencies must be 1-D of length {vocab_size} (the vocabulary size, one entry per token id), "
             f"got shape {tuple(frequencies.shape)}"
         )
-    if frequencies.dtype == torch.bool or frequencies.is_complex():
-        raise ValueError(f"token_frequencies must hold real counts or probabilities, got {frequencies.dtype}")
-    values = frequencies.detach().to(torch.float64)
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError("token_frequencies contains NaN or infinite values")
-    if bool((values < 0).any()):
-        raise ValueError("token_frequencies must be non-negative (counts or probabilities)")
-    if not bool((values > 0).any()):
-        raise ValueError("token_frequencies is all zero: at least one token must have a positive frequency")
-    return frequencies.detach()
+    return frequencies
 
 
 def convert(

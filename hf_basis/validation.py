@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["ALLOWED_NBITS", "MAX_CLUSTERS", "check_basis_shape", "check_nbit", "divisors"]
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ALLOWED_NBITS", "MAX_CLUSTERS", "as_row_weights", "check_basis_shape", "check_nbit", "divisors"]
 
 ALLOWED_NBITS = (1, 2, 4, 8, 16, 32)
 MAX_CLUSTERS = 32768  # codes are stored as int16 above 256 clusters
@@ -33,3 +37,25 @@ def check_nbit(nbit: int) -> None:
     """Raise ValueError unless nbit is one of the SmallFry bit widths."""
     if nbit not in ALLOWED_NBITS:
         raise ValueError(f"nbit must be one of {list(ALLOWED_NBITS)}, got {nbit!r}")
+
+
+def as_row_weights(values: torch.Tensor | Sequence[float], name: str) -> torch.Tensor:
+    """`values` as a detached float64 tensor after the checks any per-row weight needs (real, finite, >= 0, not all
+    zero). Raises ValueError naming the argument `name`; the caller checks the shape it expects.
+
+    float64: large integer counts and tiny probabilities both stay exact enough for the checks and a later rescaling.
+    """
+    try:
+        w = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} must be a tensor or sequence of non-negative numbers: {e}") from None
+    if w.dtype == torch.bool or w.is_complex():
+        raise ValueError(f"{name} must hold real numbers (counts or probabilities), got {w.dtype}")
+    w = w.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; weights must be finite")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
+    if not bool((w > 0).any()):
+        raise ValueError(f"{name} is all zero: at least one entry must be positive")
+    return w
