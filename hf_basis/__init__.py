@@ -5,6 +5,7 @@
     print(hf_basis.report(model))
 """
 
+from hf_basis.calibration import head_input_moment
 from hf_basis.convert import convert, quantize_embed
 from hf_basis.modules.basis_embedding import BasisEmbedding
 from hf_basis.modules.basis_linear import BasisLinear
@@ -25,6 +26,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "convert",
+    "head_input_moment",
     "quantize_embed",
     "report",
 ]

@@ -94,6 +94,27 @@ def _check_token_frequencies(
     return frequencies
 
 
+def _check_head_input_moment(moment, method: str, head: nn.Linear | None, tied: bool) -> None:
+    """Checked before anything is built, so that errors name `head_input_moment`."""
+    if method != "basis":
+        raise ValueError('head_input_moment applies to method="basis" (it fits the k-means codebook); leave it unset')
+    if head is None:
+        raise ValueError("head_input_moment applies to the output layer: use modules='output' or 'both'")
+    if tied:
+        raise ValueError(
+            "head_input_moment needs an untied output layer: this model's lm_head shares its weight (and would "
+            "share its codebook) with the input embedding, which is judged by its rows, not by logits"
+        )
+    if not torch.is_tensor(moment) or moment.is_complex() or not moment.is_floating_point():
+        raise ValueError(f"head_input_moment must be a real floating-point tensor, got {type(moment).__name__}"
+                         + (f" of {moment.dtype}" if torch.is_tensor(moment) else ""))
+    H = head.in_features
+    if tuple(moment.shape) != (H, H):
+        raise ValueError(f"head_input_moment must be ({H}, {H}) (the lm_head's input size), got {tuple(moment.shape)}")
+    if not bool(torch.isfinite(moment).all()):
+        raise ValueError("head_input_moment contains NaN or infinite values")
+
+
 def convert(
     model: nn.Module,
     num_basis: int = 8,
@@ -105,6 +126,7 @@ def convert(
     seed: int = 0,
     stochastic_round: bool = False,
     token_frequencies: torch.Tensor | Sequence[float] | None = None,
+    head_input_moment: torch.Tensor | None = None,
 ) -> nn.Module:
     """Compress the input embedding and/or the output layer (lm_head) of a model, in place; returns the model.
 
@@ -123,6 +145,12 @@ def convert(
             layer (both have one row per token id) is then weighted by it, so frequent tokens get the most accurate
             rows; rare ones still get codes. Non-negative, finite, not all zero. Recorded as
             `hf_basis_config["token_frequency_weighted"]`. The reported relative errors stay unweighted.
+        head_input_moment: method="basis", untied output layer only: the (H, H) second moment E[h h^T] of the
+            hidden states that enter the lm_head, from `hf_basis.head_input_moment(model, batches)` on a few
+            batches of representative data. The output layer's codebook is then fitted to the error of the logits
+            (sum_w f_w (w - w^)^T E[h h^T] (w - w^), f = token_frequencies or 1) instead of the error of the rows:
+            k-means first, then alternating code / centroid updates (`hf_basis.compress.activation_aware`).
+            Recorded as `hf_basis_config["activation_aware"]`.
 
     Tied input/output embeddings stay tied: both modules share one Codebook (or QuantizedTable).
     """
@@ -160,6 +188,8 @@ def convert(
     frequencies = None
     if token_frequencies is not None:
         frequencies = _check_token_frequencies(token_frequencies, emb, head)
+    if head_input_moment is not None:
+        _check_head_input_moment(head_input_moment, method, head, tied)
 
     # Build every replacement before touching the model: an error below leaves it as it was.
     new_emb = new_head = None
@@ -172,7 +202,8 @@ def convert(
         if head is not None:
             shared = new_emb.codebook if tied else None
             new_head, errors["output"] = BasisLinear.from_linear(
-                head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies
+                head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies,
+                input_moment=head_input_moment,
             )
     else:
         quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
@@ -216,6 +247,7 @@ def convert(
         "stochastic_round": stochastic_round if method == "quant" else None,
         "tied": tied,
         "token_frequency_weighted": frequencies is not None,
+        "activation_aware": head_input_moment is not None,
         "layers": layers,
     }
     # Imported here: hf_basis.integrations imports this module (compress-on-load), so a top-level import would cycle.

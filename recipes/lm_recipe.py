@@ -92,6 +92,11 @@ class CompressionArguments:
         metadata={"help": f"basis: one of {PQ_WEIGHTINGS}; frequency weights each word's row in the k-means by its"
                           " count in the training tokens (the frequent words get the most accurate rows)"},
     )
+    pq_calibration_batches: int = field(
+        default=0,
+        metadata={"help": "basis, output layer: fit its codebook to the error of the logits, with the second moment "
+                          "of the lm_head's input over the first N training batches (0: plain k-means)"},
+    )
     compressed_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the phase after the conversion (default: --learning_rate)"}
     )
@@ -124,6 +129,13 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
         parser.error(f"--pq_weighting must be one of {PQ_WEIGHTINGS}")
     if comp_args.pq_weighting == "frequency" and comp_args.compression != "basis":
         parser.error("--pq_weighting frequency needs --compression basis (it weights the product-quantization k-means)")
+    if comp_args.pq_calibration_batches < 0:
+        parser.error("--pq_calibration_batches must be >= 0")
+    if comp_args.pq_calibration_batches and (
+        comp_args.compression != "basis" or comp_args.basis_modules == "input" or model_args.tie_word_embeddings
+    ):
+        parser.error("--pq_calibration_batches needs --compression basis with an untied output layer in "
+                     "--basis_modules (output or both)")
     if comp_args.dense_warmup_epochs and comp_args.compression == "none":
         parser.error("--dense_warmup_epochs needs --compression basis or quant")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
@@ -232,12 +244,19 @@ def _phases(comp_args: CompressionArguments, total_epochs: float) -> list[tuple[
     return [(comp_args.compression, total_epochs, True)]
 
 
-def _convert(model, comp_args: CompressionArguments, token_counts: torch.Tensor | None = None) -> None:
-    """token_counts: (vocab,) training-token counts, passed as token_frequencies (--pq_weighting frequency)."""
+def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts: torch.Tensor | None = None) -> None:
+    """token_counts: (vocab,) training-token counts, passed as token_frequencies (--pq_weighting frequency).
+    train_dataset: its first --pq_calibration_batches items give the lm_head's input moment (activation-aware PQ)."""
+    def calibration_batches():
+        for i in range(min(comp_args.pq_calibration_batches, len(train_dataset))):
+            ids = train_dataset[i]["input_ids"]
+            yield ids if ids.dim() == 2 else ids[None]  # BPTTBatches items are batches, BlockDataset items blocks
+
+    moment = hf_basis.head_input_moment(model, calibration_batches()) if comp_args.pq_calibration_batches else None
     hf_basis.convert(
         model, num_basis=comp_args.num_basis, num_clusters=comp_args.num_clusters, method=comp_args.compression,
         nbit=comp_args.nbit, modules=comp_args.basis_modules, seed=comp_args.compression_seed,
-        token_frequencies=token_counts,
+        token_frequencies=token_counts, head_input_moment=moment,
     )
 
 
@@ -292,7 +311,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                 stopper.interrupted = True
                 break
             if convert_first:
-                _convert(model, comp_args, token_counts)
+                _convert(model, comp_args, datasets[0], token_counts)
             args = copy.deepcopy(training_args)
             args.num_train_epochs = epochs
             if convert_first and comp_args.compressed_learning_rate is not None:

@@ -220,6 +220,52 @@ def test_bad_token_frequencies_leave_model_untouched(kwargs, match):
     assert not hasattr(model, "hf_basis_config")
 
 
+def test_head_input_moment_fits_the_head_to_its_inputs():
+    """With the moment of the head's real inputs, the decoded head's mean-square logit error on those inputs is
+    lower than plain k-means' (computed densely here), and only the output layer changes."""
+    dense = tiny_model("llama", V, H, tie=False)
+    batches = [torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    moment = hf_basis.head_input_moment(dense, batches)
+    aware = hf_basis.convert(copy.deepcopy(dense), num_basis=4, num_clusters=16, modules="output",
+                             head_input_moment=moment)
+    plain = hf_basis.convert(copy.deepcopy(dense), num_basis=4, num_clusters=16, modules="output")
+    assert aware.hf_basis_config["activation_aware"] is True and plain.hf_basis_config["activation_aware"] is False
+    json.dumps(aware.hf_basis_config)
+    round_trip = hf_basis.BasisConfig.from_hf_basis_config(aware.hf_basis_config).to_hf_basis_config()
+    assert round_trip["activation_aware"] is True  # kept in config.json's quantization_config
+    with torch.no_grad():
+        hidden = torch.cat([dense.model(ids).last_hidden_state.reshape(-1, H) for ids in batches])
+        W = dense.lm_head.weight
+
+        def logit_mse(model):
+            return float((hidden @ (W - model.lm_head.codebook.decode()).T).square().mean())
+
+        assert logit_mse(aware) < 0.9 * logit_mse(plain)
+    assert isinstance(aware.get_input_embeddings(), nn.Embedding)
+
+
+@pytest.mark.parametrize(
+    "kwargs, tie, match",
+    [
+        ({"head_input_moment": torch.eye(H), "method": "quant"}, False, r'head_input_moment applies to method="basis"'),
+        ({"head_input_moment": torch.eye(H), "modules": "input"}, False, "applies to the output layer"),
+        ({"head_input_moment": torch.eye(H)}, True, "needs an untied output layer"),
+        ({"head_input_moment": torch.eye(H + 1)}, False, rf"must be \({H}, {H}\)"),
+        ({"head_input_moment": torch.full((H, H), float("nan"))}, False, "NaN or infinite"),
+        ({"head_input_moment": torch.eye(H).long()}, False, "real floating-point tensor"),
+    ],
+)
+def test_bad_head_input_moment_leaves_model_untouched(kwargs, tie, match):
+    model = tiny_model("gpt2", V, H, tie=tie)
+    state, types = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
+    after_state, after_types = snapshot(model)
+    assert after_types == types
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert not hasattr(model, "hf_basis_config")
+
+
 def test_missing_output_module_errors():
     with pytest.raises(ValueError, match="no output embeddings.*modules='input'"):
         hf_basis.convert(tiny_model("bert", V, H), num_basis=4, num_clusters=16)

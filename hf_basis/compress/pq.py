@@ -40,7 +40,7 @@ import torch
 
 from hf_basis.validation import MAX_CLUSTERS, as_row_weights, divisors
 
-__all__ = ["PQResult", "code_dtype", "product_quantize", "reconstruct"]
+__all__ = ["PQResult", "code_dtype", "product_quantize", "reconstruct", "relative_error"]
 
 # Upper bound on one (B, chunk, K) fp32 distance block; the chunk over V is sized from it so memory stays bounded
 # whatever the vocabulary size.
@@ -443,6 +443,14 @@ def _lloyd(
         if converged:
             break
     return centroids, codes, min_dist, iterations
+
+
+def relative_error(weight: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor) -> float:
+    """||W - reconstruct(codes, centroids)||_F / ||W||_F for weight (V, D), codes (V, B), centroids (B, K, D/B)."""
+    V, D = weight.shape
+    B, _, d = centroids.shape
+    X = weight.detach().to(device=centroids.device, dtype=torch.float32).reshape(V, B, d).permute(1, 0, 2)
+    return _relative_error(X, centroids.float(), codes.to(centroids.device).long().t())
 
 
 def _relative_error(X: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> float:

@@ -67,6 +67,8 @@ class BasisConfig(QuantizationConfigMixin):
             `hf_basis.convert` in `model.hf_basis_config["layers"]`; None for a config that compresses on load.
         token_frequency_weighted: method="basis": the k-means was weighted by token frequencies
             (`hf_basis.convert(..., token_frequencies=...)`); informational, loading does not need the frequencies.
+        activation_aware: method="basis": the output layer's codebook was fitted to the logit error
+            (`hf_basis.convert(..., head_input_moment=...)`); informational.
         format_version: checkpoint layout version (written by hf_basis; leave the default).
         **kwargs: ignored (forward compatibility with configs written by newer versions).
 
@@ -85,6 +87,7 @@ class BasisConfig(QuantizationConfigMixin):
         stochastic_round: bool | None = None,
         layers: dict[str, dict[str, Any]] | None = None,
         token_frequency_weighted: bool = False,
+        activation_aware: bool = False,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -104,6 +107,7 @@ class BasisConfig(QuantizationConfigMixin):
         self.seed = seed
         self.stochastic_round = stochastic_round
         self.token_frequency_weighted = bool(token_frequency_weighted)
+        self.activation_aware = bool(activation_aware)
         self.layers = None if layers is None else {str(k): _clean_layer(v) for k, v in dict(layers).items()}
         self.format_version = format_version
         self.hf_basis_version = kwargs.pop("hf_basis_version", None) or _version()
@@ -215,6 +219,7 @@ class BasisConfig(QuantizationConfigMixin):
             "stochastic_round": self.stochastic_round,
             "tied": self.tied,
             "token_frequency_weighted": self.token_frequency_weighted,
+            "activation_aware": self.activation_aware,
             "layers": None if self.layers is None else {k: dict(v) for k, v in self.layers.items()},
         }
 

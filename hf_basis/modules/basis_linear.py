@@ -64,6 +64,7 @@ class BasisLinear(nn.Module):
         seed: int = 0,
         codebook: Codebook | None = None,
         sample_weight: torch.Tensor | None = None,
+        input_moment: torch.Tensor | None = None,
     ) -> tuple["BasisLinear", float]:
         """Compress an nn.Linear(H, V) (k-means PQ of its weight). Returns the module and the relative error.
 
@@ -71,12 +72,17 @@ class BasisLinear(nn.Module):
         sample_weight: optional (out_features,) non-negative weight per output row, e.g. each token's training-set
         frequency, for weighted k-means (see `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is
         given (nothing is fitted then).
+        input_moment: optional (H, H) second moment E[x x^T] of the layer's inputs: fit the codebook to the error of
+        the outputs (`hf_basis.compress.activation_aware`). Not with `codebook`.
         """
         error = float("nan")
         if codebook is None:
             codebook, error = Codebook.from_weight(
-                linear.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
+                linear.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight,
+                input_moment=input_moment,
             )
+        elif input_moment is not None:
+            raise ValueError("input_moment fits a new codebook; a given (shared) codebook is used as it is")
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, codebook=codebook,
             device=linear.weight.device, dtype=linear.weight.dtype,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_basis.compress.pq import code_dtype, product_quantize, reconstruct
+from hf_basis.compress.activation_aware import refine_pq
+from hf_basis.compress.pq import code_dtype, product_quantize, reconstruct, relative_error
 from hf_basis.validation import check_basis_shape
 
 __all__ = ["Codebook"]
@@ -63,11 +64,15 @@ class Codebook(nn.Module):
         *,
         seed: int = 0,
         sample_weight: torch.Tensor | None = None,
+        input_moment: torch.Tensor | None = None,
     ) -> tuple["Codebook", float]:
         """Product-quantize `weight` (V, D) with batched k-means on its device.
 
         sample_weight: optional (V,) non-negative row weights (e.g. token frequencies) for weighted k-means; see
         `hf_basis.compress.pq.product_quantize`.
+        input_moment: optional (D, D) second moment E[h h^T] of the inputs that multiply the rows (an output layer's
+            hidden states): the k-means result is then refined for the error of the outputs, not of the rows
+            (`hf_basis.compress.activation_aware.refine_pq`).
 
         Returns the codebook (centroids in weight's dtype) and the relative reconstruction error ||W - W_q|| / ||W||
         (unweighted, also when `sample_weight` is given).
@@ -75,10 +80,14 @@ class Codebook(nn.Module):
         V, D = weight.shape
         book = cls(V, D, num_basis, num_clusters, device=weight.device, dtype=weight.dtype)
         result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed, sample_weight=sample_weight)
+        codes, centroids, error = result.codes, result.centroids, result.relative_error
+        if input_moment is not None:
+            codes, centroids, _ = refine_pq(weight, codes, centroids, input_moment, sample_weight)
+            error = relative_error(weight, codes, centroids)
         with torch.no_grad():
-            book.codes.copy_(result.codes)
-            book.centroids.copy_(result.centroids)
-        return book, result.relative_error
+            book.codes.copy_(codes)
+            book.centroids.copy_(centroids)
+        return book, error
 
     @classmethod
     def get_or_create(

@@ -74,6 +74,13 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
         parse_args(["--pq_weighting", "zipf", "--compression", "basis"], {})
     with pytest.raises(SystemExit):
         parse_args(["--pq_weighting", "frequency", "--compression", "quant"], {})
+    assert comp_args.pq_calibration_batches == 0
+    for flags in (["--compression", "quant"], ["--compression", "basis", "--basis_modules", "input"],
+                  ["--compression", "basis", "--tie_word_embeddings", "true"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--pq_calibration_batches", "10", *flags], {})
+    with pytest.raises(SystemExit):
+        parse_args(["--pq_calibration_batches", "-1", "--compression", "basis"], {})
     for name in os.listdir(os.path.join(REPO, "recipes", "configs")):  # every shipped config parses
         parse_args([os.path.join(REPO, "recipes", "configs", name)], train_ptb.PTB_DEFAULTS)
 
@@ -113,12 +120,13 @@ def test_ptb_recipe_dense_then_basis(tiny_corpus, tmp_path):
     assert math.isfinite(json.loads((out / "results.json").read_text())["test_perplexity"])
 
 
-def test_ptb_recipe_frequency_weighted_basis(tiny_corpus, tmp_path, monkeypatch):
+def test_ptb_recipe_frequency_weighted_activation_aware_basis(tiny_corpus, tmp_path, monkeypatch):
     seen = {}
     convert = hf_basis.convert
 
     def spy(model, *args, **kwargs):
         seen["token_frequencies"] = kwargs.get("token_frequencies")
+        seen["moment"] = kwargs.get("head_input_moment")
         seen["vocab"] = model.get_input_embeddings().num_embeddings
         return convert(model, *args, **kwargs)
 
@@ -127,12 +135,15 @@ def test_ptb_recipe_frequency_weighted_basis(tiny_corpus, tmp_path, monkeypatch)
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
          "--output_dir", str(tmp_path / "freq"), "--num_train_epochs", "1", "--num_basis", "4",
          "--num_clusters", "8", "--per_device_train_batch_size", "4", "--pq_weighting", "frequency",
-         "--dense_warmup_epochs", "0"],
+         "--dense_warmup_epochs", "0", "--pq_calibration_batches", "3", "--emsize", "16", "--nhid", "16"],
         train_ptb.PTB_DEFAULTS,
     )
     counts = seen["token_frequencies"]
     assert counts is not None and counts.shape == (seen["vocab"],)
     assert counts.dtype == torch.int64 and int(counts.sum()) > 0
+    moment = seen["moment"]  # E[h h^T] of the LSTM's output over 3 batches: symmetric, positive diagonal
+    assert moment.shape == (16, 16) and torch.allclose(moment, moment.T) and bool((moment.diagonal() > 0).all())
+    assert results["args"]["compression"]["pq_calibration_batches"] == 3
     assert results["compression"] == "basis" and math.isfinite(results["test_perplexity"])
 
 
