@@ -148,6 +148,17 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
 
 
+def assert_convert_refused(model, kwargs, match, exc=ValueError):
+    """convert(model, num_basis=4, num_clusters=16, **kwargs) raises `exc` and leaves the model exactly as it was."""
+    state, types = snapshot(model)
+    with pytest.raises(exc, match=match):
+        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
+    after_state, after_types = snapshot(model)
+    assert after_types == types
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert not hasattr(model, "hf_basis_config")
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -161,13 +172,7 @@ def snapshot(model):
 )
 def test_bad_arguments_leave_model_untouched(kwargs, exc, match):
     model = tiny_model("llama", V, H, tie=False)
-    state, types = snapshot(model)
-    with pytest.raises(exc, match=match):
-        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
-    after_state, after_types = snapshot(model)
-    assert after_types == types
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
-    assert not hasattr(model, "hf_basis_config")
+    assert_convert_refused(model, kwargs, match, exc)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -211,13 +216,7 @@ def test_token_frequencies_weight_the_basis_kmeans(tie):
 )
 def test_bad_token_frequencies_leave_model_untouched(kwargs, match):
     model = tiny_model("llama", V, H, tie=False)
-    state, types = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
-    after_state, after_types = snapshot(model)
-    assert after_types == types
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
-    assert not hasattr(model, "hf_basis_config")
+    assert_convert_refused(model, kwargs, match)
 
 
 def test_head_input_moment_fits_the_head_to_its_inputs():
@@ -257,13 +256,7 @@ def test_head_input_moment_fits_the_head_to_its_inputs():
 )
 def test_bad_head_input_moment_leaves_model_untouched(kwargs, tie, match):
     model = tiny_model("gpt2", V, H, tie=tie)
-    state, types = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        hf_basis.convert(model, **({"num_basis": 4, "num_clusters": 16} | kwargs))
-    after_state, after_types = snapshot(model)
-    assert after_types == types
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
-    assert not hasattr(model, "hf_basis_config")
+    assert_convert_refused(model, kwargs, match)
 
 
 def test_missing_output_module_errors():

@@ -42,10 +42,13 @@ def weighted_output_error(
 ) -> float:
     """sum_w f_w (w - w^)^T M (w - w^), f = sample_weight (ones if None): the objective `refine_pq` minimises."""
     E = (weight.float() - approx.float()).to(weight.device)
-    per_row = ((E @ moment.to(E).T) * E).sum(dim=1)
-    if sample_weight is not None:
-        per_row = per_row * sample_weight.to(per_row)
-    return float(per_row.sum())
+    f = torch.ones(E.shape[0], device=E.device) if sample_weight is None else sample_weight.to(E)
+    return _objective(E, E @ moment.to(E).T, f)
+
+
+def _objective(E: torch.Tensor, EM: torch.Tensor, f: torch.Tensor) -> float:
+    """sum_w f_w e_w . (M e_w), given the error rows E and E @ M."""
+    return float(((E * EM).sum(dim=1) * f).sum())
 
 
 def refine_pq(
@@ -87,7 +90,7 @@ def _refine(weight, codes, centroids, moment, sample_weight, sweeps):
 
     E = W - reconstruct(code, C)
     EM = E @ M
-    history = [float(((E * EM).sum(dim=1) * f).sum())]
+    history = [_objective(E, EM, f)]
     chunk = max(1, _CHUNK_ELEMENTS // K)
     for _ in range(sweeps):
         for b in range(B):
@@ -107,5 +110,5 @@ def _refine(weight, codes, centroids, moment, sample_weight, sweeps):
             delta = C[b][code[:, b]] - old
             E[:, sl] -= delta
             EM -= delta @ M[sl, :]
-        history.append(float(((E * EM).sum(dim=1) * f).sum()))
+        history.append(_objective(E, EM, f))
     return code.to(codes.dtype), C.to(centroids.dtype), history
