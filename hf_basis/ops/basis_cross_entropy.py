@@ -28,7 +28,7 @@ their gradients; grad_bias is the sum over tokens). Two implementations share th
             chunk's (Tc, V) fp32 logits at a time. The CPU path and the tests' oracle.
 Both paths use the same two-step contract: forward -> stats (4, T) [lse, 1 + 2 z lse, 1 - eps, eps / V; 0 where a
 token is not counted] and per-token loss; backward -> grad_P, grad_bias from stats and the upstream gradient.
-Memory: P (B*K*T), stats, and (Triton) one V x Tc gradient buffer of ~64 MiB; never T x V.
+Memory: P (B*K*T), stats, and (Triton) one V x Tc gradient buffer of at most 256 MiB; never T x V.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from hf_basis.ops.basis_decode import basis_decode_backward_reference, basis_decode_reference
-from hf_basis.ops.basis_linear import centroid_scores
+from hf_basis.ops.basis_linear import centroid_scores, centroid_scores_backward
 from hf_basis.ops.dispatch import use_triton
 
 __all__ = ["basis_cross_entropy", "lse_reference", "forward_stats_reference", "ce_grad_reference"]
@@ -178,8 +178,6 @@ class BasisCrossEntropyFunction(torch.autograd.Function):
         hidden, centroids, codes, bias, P, stats, labels, sums = ctx.saved_tensors
         reduction, softcap, impl, chunk = ctx.options
         _, grad_fn = _kernels(impl)
-        T, H = hidden.shape
-        B, K, d = centroids.shape
         need_hidden, need_centroids, _, need_bias = ctx.needs_input_grad[:4]
         need_bias = bool(need_bias and bias is not None)
         if not (need_hidden or need_centroids or need_bias):
@@ -191,14 +189,8 @@ class BasisCrossEntropyFunction(torch.autograd.Function):
             scale = grad_out.float().reshape(1)
         else:
             scale = grad_out.float().contiguous()
-        grad_P, grad_bias = grad_fn(P, codes, bias, stats, labels, scale, softcap, need_bias, chunk=chunk)
-        grad_P = grad_P.to(P.dtype)  # (B, K, T)
-
-        grad_hidden = grad_centroids = None
-        if need_hidden:  # dP/dx: x[t, b*d:(b+1)*d] receives sum_k grad_P[b, k, t] C[b, k]
-            grad_hidden = torch.bmm(grad_P.transpose(1, 2), centroids).permute(1, 0, 2).reshape(T, H)
-        if need_centroids:  # dP/dC: C[b, k] receives sum_t grad_P[b, k, t] x_b[t]
-            grad_centroids = torch.bmm(grad_P, hidden.reshape(T, B, d).permute(1, 0, 2))
+        grad_P, grad_bias = grad_fn(P, codes, bias, stats, labels, scale, softcap, need_bias, chunk=chunk)  # (B, K, T)
+        grad_hidden, grad_centroids = centroid_scores_backward(grad_P, hidden, centroids, need_hidden, need_centroids)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_centroids, None, grad_bias, None, None, None, None, None, None, None, None

@@ -26,9 +26,9 @@ A logit is l[t, w] = bias[w] + sum_b P[b, code[w, b], t], optionally soft-capped
 
 No T x V tensor is ever built: the largest temporary is Gt, V x Tc in P's dtype (Tc from `chunk_tokens`).
 Measured on an H100 (benchmarks/benchmark_basis_ce.py --breakdown): the gathers are bound by the L1/LSU work per
-gathered row, so wide token tiles win (64-128 bf16 tokens = 128-256 contiguous bytes per row: ~400 logits/ns; 16 or 8
-tokens, although their P slice would stay in L1: 120-250 logits/ns); the segment sum is bound by L2 bandwidth
-(B * V * T * 2 bytes read, 5.5-6 TB/s).
+gathered row, so token tiles of 32-128 bf16 tokens (64-256 contiguous bytes per row) win: ~330-420 logits/ns (16 or
+8 tokens: 120-250 logits/ns); which one depends on whether P fits in L2 (`_lse_config`). The segment sum is bound by
+L2 bandwidth (B * V * T * 2 bytes read, 4-6 TB/s).
 """
 
 from __future__ import annotations
@@ -259,7 +259,11 @@ def _ce_grad_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 SEGMENT_BLOCK_T = 64  # token tile of the segment sum; chunks are multiples of it
-_GT_BYTES = 64 * 2**20  # Gt (V x Tc) budget: ~32M logits of work per chunk (amortises ~30 us of launches), mostly L2
+# Gt (V x Tc) budget. Fewer, larger chunks win although Gt then spills out of L2 (H100, bf16, 8 x 384, fwd+bwd GPU time
+# by CUDA-graph replay / wall time of back-to-back calls, 64 -> 256 MiB): T,H,V = 2048,2048,50000: 1.06 -> 0.94 ms /
+# 1.64 -> 1.24 ms (two Triton launches instead of eight: each costs 60-85 us of CPU on that host); 8192,4096,128256:
+# 8.66 -> 8.27 ms; 16384,768,128256: 17.1 -> 16.3 ms. 512 MiB is no faster.
+_GT_BYTES = 256 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,12 +288,22 @@ def _splits(n_blocks: int, V: int, block_v: int, programs_per_sm: int, device: t
     return max(1, min(triton.cdiv(programs_per_sm * _num_sms(device), n_blocks), triton.cdiv(V, 4 * block_v)))
 
 
-def _lse_config(T: int, V: int, device: torch.device) -> dict:
-    # H100 (--breakdown, bf16): 64 tokens per gathered row (128 contiguous bytes) x 128 words, 8 warps: 3.24 ms at
-    # T=8192, V=128256 and 0.31 ms at T=2048, V=50000 (32 x 128 x 4 warps: 3.59 / 0.32; 16 tokens: 4.2 / 0.38).
-    block_t, block_v = 64, 128
-    splits = _splits(triton.cdiv(T, block_t), V, block_v, 4, device)
-    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": 8, "num_stages": 1}
+_P_IN_L2_BYTES = 32 * 2**20  # P (B x K x T) up to this size stays resident in the H100's 50 MB L2 next to the rest
+
+
+def _lse_config(T: int, V: int, p_bytes: int, device: torch.device) -> dict:
+    """Block sizes of `_lse_kernel` by where P lives (H100, --breakdown, bf16, 8 x 384):
+    P beyond L2 (T=8192: 50 MB): 32 tokens x 256 words, 8 warps, 2 programs/SM: 3.01 ms (64 x 128: 3.24; 64 x 32 x
+        2 warps: 4.50). A 32-token tile of P (B*K*32*2 = 192 KB) stays in one SM's L1 while 256 words gather from it.
+    P in L2 (T=2048: 12.6 MB): 64 tokens x 32 words, 2 warps, 8 programs/SM: 0.268 ms (64 x 128: 0.312; 32 x 256:
+        0.351). Every gather hits L2, so many small programs keep the most gathers in flight.
+    """
+    if p_bytes > _P_IN_L2_BYTES:
+        block_t, block_v, warps, per_sm = 32, 256, 8, 2
+    else:
+        block_t, block_v, warps, per_sm = 64, 32, 2, 8
+    splits = _splits(triton.cdiv(T, block_t), V, block_v, per_sm, device)
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": warps, "num_stages": 1}
 
 
 def _grad_config(Tc: int, V: int) -> dict:
@@ -319,7 +333,7 @@ def lse_partials_triton(P, codes, bias, softcap=None, with_sum=False, config=Non
     codes = codes.contiguous()
     B, K, T = P.shape
     V = codes.shape[0]
-    cfg = dict(config or _lse_config(T, V, P.device))
+    cfg = dict(config or _lse_config(T, V, P.numel() * P.element_size(), P.device))
     splits = cfg.pop("splits")
     cfg.pop("programs_per_sm", None)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -384,7 +398,8 @@ def ce_grad_triton(
 
     stats: (4, T) fp32 [lse, cp, cy, cu]; labels: (T,); scale: (T,) or (1,) fp32 upstream gradient per token.
     Per chunk: `_ce_grad_kernel` writes Gt (V, Tc), then the decode backward's segment sum folds it into grad_P.
-    Returns grad_P (B, K, T) in P's dtype (fp32 accumulation) and grad_bias (V,) fp32 or None.
+    Returns grad_P (B, K, T) in P's dtype (fp32 accumulation; a view of a buffer padded to whole chunks, last dim
+    contiguous) and grad_bias (V,) fp32 or None.
     """
     _check(P, codes)
     codes = codes.contiguous()
@@ -397,8 +412,8 @@ def ce_grad_triton(
     gcfg = dict((config or {}).get("grad") or _grad_config(Tc, V))
     scfg = dict((config or {}).get("segment") or _segment_config(Tc))
     gbias = torch.zeros(V, device=dev, dtype=torch.float32) if need_bias_grad else None
-    # grad_P chunk by chunk as (n, B, K, Tc); columns past T in the last chunk are dropped below.
-    gP = torch.empty((n_chunks, B, K, Tc), device=dev, dtype=P.dtype)
+    # grad_P padded to whole chunks; each chunk's segment sums land in its columns (the padding is sliced off: no copy)
+    gP = torch.empty((B, K, n_chunks * Tc), device=dev, dtype=P.dtype)
     if n_chunks:
         words, seg_offsets = codes_csr(codes, K)
         Gt = torch.empty((V, Tc), device=dev, dtype=P.dtype)
@@ -415,6 +430,6 @@ def ce_grad_triton(
                 float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 NEED_BIAS_GRAD=need_bias_grad, **gcfg,
             )
-            _segment_sum_kernel[grid_s](Gt, words, seg_offsets, gP[i], Tc, **scfg)
-    grad_P = gP.permute(1, 2, 0, 3).reshape(B, K, n_chunks * Tc)[:, :, :T]
+            _segment_sum_kernel[grid_s](Gt, words, seg_offsets, gP[:, :, t0:], Tc, gP.stride(1), **scfg)
+    grad_P = gP[:, :, :T]
     return grad_P, gbias

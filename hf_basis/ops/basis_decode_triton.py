@@ -129,8 +129,9 @@ def _segment_sum_kernel(
     Gt,  # (V, T) contiguous
     words,  # (B*V,) int32: for each sub-space b, the word ids sorted by code
     seg_offsets,  # (B*K + 1,) int32: segment (b, k) is words[seg_offsets[b*K+k] : seg_offsets[b*K+k+1]]
-    grad_P,  # (B, K, T) contiguous
+    grad_P,  # (B, K, >= T), last dim contiguous, (b, k) rows stride_out apart
     T,
+    stride_out,
     BLOCK_W: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -152,7 +153,7 @@ def _segment_sum_kernel(
         g = tl.load(Gt + w[:, None] * T + offs_t[None, :], mask=mask_w[:, None] & mask_t[None, :], other=0.0)
         acc += g.to(tl.float32)
     total = tl.reduce(acc, 0, _sum_combine)
-    out_ptrs = grad_P + seg.to(tl.int64) * T + offs_t
+    out_ptrs = grad_P + seg.to(tl.int64) * stride_out + offs_t
     tl.store(out_ptrs, total.to(grad_P.dtype.element_ty), mask=mask_t)
 
 
@@ -268,5 +269,5 @@ def basis_decode_backward_triton(
     )
     _transpose_rowsum_kernel[(triton.cdiv(V, tcfg["BLOCK_V"]),)](*args, HAS_BIAS=need_bias_grad, **tcfg)
     grid = (B * num_clusters, triton.cdiv(T, scfg["BLOCK_T"]))
-    _segment_sum_kernel[grid](Gt, words, seg_offsets, grad_P, T, **scfg)
+    _segment_sum_kernel[grid](Gt, words, seg_offsets, grad_P, T, T, **scfg)
     return grad_P, grad_bias

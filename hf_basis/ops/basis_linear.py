@@ -12,7 +12,7 @@ import torch
 
 from hf_basis.ops.basis_decode import basis_decode
 
-__all__ = ["basis_linear", "centroid_scores"]
+__all__ = ["basis_linear", "centroid_scores", "centroid_scores_backward"]
 
 
 class CentroidScores(torch.autograd.Function):
@@ -33,17 +33,27 @@ class CentroidScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_P: torch.Tensor):
         x, centroids = ctx.saved_tensors
-        T = x.shape[0]
-        B, _, d = centroids.shape
-        grad_P = grad_P.to(centroids.dtype)  # under autocast the forward bmm may have run in a lower precision
-        grad_x = grad_centroids = None
-        if ctx.needs_input_grad[0]:
-            buf = torch.empty(T, B, d, dtype=centroids.dtype, device=centroids.device)
-            torch.bmm(centroids.transpose(1, 2), grad_P, out=buf.permute(1, 2, 0))  # (B, d, T) in x's layout
-            grad_x = buf.view(T, B * d).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_centroids = torch.bmm(grad_P, x.reshape(T, B, d).transpose(0, 1).to(centroids.dtype))  # (B, K, d)
-        return grad_x, grad_centroids
+        return centroid_scores_backward(grad_P, x, centroids, *ctx.needs_input_grad[:2])
+
+
+def centroid_scores_backward(
+    grad_P: torch.Tensor, x: torch.Tensor, centroids: torch.Tensor, need_x: bool = True, need_centroids: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x (T, H) and centroids (B, K, d) given grad_P (B, K, T) (last dim contiguous, any row stride).
+
+    grad_x is written by the bmm straight into x's (T, B, d) layout through a permuted view (no copy afterwards).
+    """
+    T = x.shape[0]
+    B, _, d = centroids.shape
+    grad_P = grad_P.to(centroids.dtype)  # under autocast the forward bmm may have run in a lower precision
+    grad_x = grad_centroids = None
+    if need_x:
+        buf = torch.empty(T, B, d, dtype=centroids.dtype, device=centroids.device)
+        torch.bmm(centroids.transpose(1, 2), grad_P, out=buf.permute(1, 2, 0))  # (B, d, T) in x's layout
+        grad_x = buf.view(T, B * d).to(x.dtype)
+    if need_centroids:
+        grad_centroids = torch.bmm(grad_P, x.reshape(T, B, d).transpose(0, 1).to(centroids.dtype))  # (B, K, d)
+    return grad_x, grad_centroids
 
 
 def centroid_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
