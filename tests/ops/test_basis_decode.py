@@ -39,6 +39,14 @@ def onehot_backward(grad, codes, K):
     return torch.einsum("vbk,tv->bkt", onehot, grad.cpu().double()).float()
 
 
+def _assert_backward_matches_reference(grad, codes, K):
+    """The Triton decode backward (with the bias gradient) against the PyTorch reference, in fp32 tolerances."""
+    grad_P, grad_bias = kernels.basis_decode_backward_triton(grad, codes, K, True)
+    ref_P, ref_bias = basis_decode_backward_reference(grad.cpu(), codes.cpu(), K, True)
+    torch.testing.assert_close(grad_P.cpu(), ref_P, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_bias.cpu(), ref_bias, rtol=1e-5, atol=1e-5)
+
+
 def make_inputs(B, K, T, V, codes_dtype=torch.uint8, dtype=torch.float32, with_bias=True, seed=0):
     g = _gen(seed)
     P = torch.randn(B, K, T, generator=g).to(dtype).to(DEVICE)
@@ -121,10 +129,7 @@ def test_non_contiguous_inputs():
     grad_vt = torch.randn(V, 2 * T, generator=g).to(DEVICE)
     grad = grad_vt[:, ::2].t()  # (T, V), strides (2, 2T)
     assert not grad.is_contiguous()
-    grad_P, grad_bias = kernels.basis_decode_backward_triton(grad, codes, K, True)
-    ref_P, ref_bias = basis_decode_backward_reference(grad.cpu(), codes.cpu(), K, True)
-    torch.testing.assert_close(grad_P.cpu(), ref_P, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_bias.cpu(), ref_bias, rtol=1e-5, atol=1e-5)
+    _assert_backward_matches_reference(grad, codes, K)
 
 
 def test_repeated_launches_match_reference():
@@ -136,10 +141,7 @@ def test_repeated_launches_match_reference():
         out = kernels.basis_decode_triton(P, codes, bias)
         ref = basis_decode_reference(P.cpu(), codes.cpu(), bias.cpu())
         torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float16])
-        grad_P, grad_bias = kernels.basis_decode_backward_triton(grad, codes, K, True)
-        ref_P, ref_bias = basis_decode_backward_reference(grad.cpu(), codes.cpu(), K, True)
-        torch.testing.assert_close(grad_P.cpu(), ref_P, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad_bias.cpu(), ref_bias, rtol=1e-5, atol=1e-5)
+        _assert_backward_matches_reference(grad, codes, K)
 
 
 def test_skewed_codes_and_empty_clusters():
@@ -150,10 +152,7 @@ def test_skewed_codes_and_empty_clusters():
     codes[::5, 1] = torch.randint(0, 4, (len(range(0, V, 5)),), generator=_gen(6)).to(torch.uint8)
     codes = codes.to(DEVICE)
     grad = torch.randn(T, V, generator=_gen(7)).to(DEVICE)
-    grad_P, grad_bias = kernels.basis_decode_backward_triton(grad, codes, K, True)
-    ref_P, ref_bias = basis_decode_backward_reference(grad.cpu(), codes.cpu(), K, True)
-    torch.testing.assert_close(grad_P.cpu(), ref_P, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_bias.cpu(), ref_bias, rtol=1e-5, atol=1e-5)
+    _assert_backward_matches_reference(grad, codes, K)
 
 
 def test_csr_cache_follows_in_place_edits():
