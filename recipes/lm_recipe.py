@@ -34,7 +34,7 @@ from transformers import (
 import hf_basis
 from hf_basis.models.lstm import LSTMLMConfig
 from lm_data import CORPORA, BlockDataset, BPTTBatches, build_tokenizer, load_corpus, token_stream, tokenize
-from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, StopOnInterrupt, token_nll
+from lm_trainer import BASIS_OPTIMIZERS, BPTTTrainer, LMTrainer, PerplexityMetric, StopOnInterrupt, token_nll
 
 __all__ = ["CompressionArguments", "DataArguments", "ModelArguments", "main", "parse_args"]
 
@@ -105,6 +105,15 @@ class CompressionArguments:
         metadata={"help": "learning rate of the basis centroids after the conversion (default: that of the phase);"
                           " a centroid's gradient sums the gradients of all the words that share it"},
     )
+    basis_optimizer: str = field(
+        default="same",
+        metadata={"help": f"one of {BASIS_OPTIMIZERS}: same (the phase's optimizer) or adam (with --optim sgd: after "
+                          "the conversion the basis layers' centroids and output bias take Adam steps of "
+                          "--basis_learning_rate, decayed linearly to 0 over the phase; the rest keeps SGD)"},
+    )
+    basis_learning_rate: float | None = field(
+        default=None, metadata={"help": "Adam's step size for --basis_optimizer adam (PTB: 1e-2)"}
+    )
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
@@ -136,6 +145,16 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
     ):
         parser.error("--pq_calibration_batches needs --compression basis with an untied output layer in "
                      "--basis_modules (output or both)")
+    if comp_args.basis_optimizer not in BASIS_OPTIMIZERS:
+        parser.error(f"--basis_optimizer must be one of {BASIS_OPTIMIZERS}")
+    if comp_args.basis_optimizer == "adam" and (
+        comp_args.compression != "basis" or comp_args.basis_learning_rate is None or training_args.optim != "sgd"
+        or comp_args.centroid_learning_rate is not None
+    ):
+        parser.error("--basis_optimizer adam needs --compression basis, --basis_learning_rate (Adam's step size, e.g. "
+                     "1e-2), --optim sgd and no --centroid_learning_rate")
+    if comp_args.basis_learning_rate is not None and comp_args.basis_optimizer != "adam":
+        parser.error("--basis_learning_rate is the step size of --basis_optimizer adam")
     if comp_args.dense_warmup_epochs and comp_args.compression == "none":
         parser.error("--dense_warmup_epochs needs --compression basis or quant")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
@@ -218,10 +237,13 @@ def _datasets(model_args, data_args, training_args, streams):
     return tuple(BlockDataset(streams[split], data_args.bptt) for split in ("train", "validation", "test"))
 
 
-def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, centroid_learning_rate=None):
+def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None):
+    """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer."""
     cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
     return cls(
-        centroid_learning_rate=centroid_learning_rate,
+        centroid_learning_rate=comp_args.centroid_learning_rate if comp_args else None,
+        basis_optimizer=comp_args.basis_optimizer if comp_args else "same",
+        basis_learning_rate=comp_args.basis_learning_rate if comp_args else None,
         model=model,
         args=args,
         train_dataset=datasets[0],
@@ -318,8 +340,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                 args.learning_rate = comp_args.compressed_learning_rate
             if len(_phases(comp_args, training_args.num_train_epochs)) > 1:
                 args.output_dir = os.path.join(training_args.output_dir, f"phase-{name}")
-            centroid_lr = comp_args.centroid_learning_rate if convert_first else None
-            trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, centroid_lr)
+            trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
+                               comp_args if convert_first else None)
             if epochs > 0:
                 output = trainer.train()
                 runtime += output.metrics["train_runtime"]

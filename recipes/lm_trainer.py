@@ -1,6 +1,8 @@
 """Trainer pieces for the language-modelling recipes.
 
-- `LMTrainer`: the HF Trainer, counting the tokens it trains on (for tokens/s).
+- `LMTrainer`: the HF Trainer, counting the tokens it trains on (for tokens/s), with optional centroid param groups.
+- `SGDWithAdamGroups`: SGD, except for the param groups marked `adam` (the basis layers' parameters), which take
+  Adam steps decaying linearly to 0.
 - `BPTTTrainer`: truncated BPTT for a stateful model (the LSTM LM) with the Trainer's own loop, logging, progress
   bars, evaluation and checkpointing. Batches come from `BPTTBatches` in stream order through a plain DataLoader (no
   shuffling, no re-batching, no sharding by accelerate: under DDP each process already holds its own columns), and
@@ -24,12 +26,92 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 import hf_basis.metrics
-from hf_basis import Codebook
+from hf_basis import BasisLinear, Codebook
 from hf_basis.models.lstm import STATE_FIELD
 
-__all__ = ["BPTTTrainer", "LMTrainer", "PerplexityMetric", "StopOnInterrupt", "token_nll"]
+__all__ = [
+    "BPTTTrainer",
+    "LMTrainer",
+    "PerplexityMetric",
+    "SGDWithAdamGroups",
+    "StopOnInterrupt",
+    "basis_parameters",
+    "token_nll",
+]
 
 IGNORE_INDEX = -100
+
+
+class SGDWithAdamGroups(torch.optim.Optimizer):
+    """torch.optim.SGD (lr, momentum, weight_decay; no dampening or Nesterov) for every param group, except the
+    groups with `"adam": True`, which take bias-corrected Adam steps (lr, betas, eps, weight_decay as torch.optim.Adam)
+    whose size decays linearly to 0 over the group's `decay_steps` optimizer steps when that is set.
+
+    One optimizer, so the Trainer's LR scheduler scales every group's lr and its state_dict (checkpoints) holds both
+    kinds of state. The recipes use it to train the basis layers with Adam while the LSTM keeps the SGD schedule it
+    was trained with (PTB numbers in recipes/results/README.md).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid hyper-parameters: lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
+                             f"betas={betas}, eps={eps} (all >= 0, betas in [0, 1))")
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "betas": betas, "eps": eps,
+                    "adam": False, "decay_steps": None}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if group["adam"]:
+                    self._adam_step(p, grad, state, group)
+                    continue
+                if group["momentum"]:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(grad)
+                    grad = buf
+                p.add_(grad, alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _adam_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"]
+        lr = group["lr"]
+        if group["decay_steps"]:
+            lr *= max(0.0, 1.0 - step / group["decay_steps"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+
+BASIS_OPTIMIZERS = ("same", "adam")
+
+
+def basis_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the model's basis layers: codebook centroids and the biases of BasisLinear."""
+    params = [m.centroids for m in model.modules() if isinstance(m, Codebook)]
+    params += [m.bias for m in model.modules() if isinstance(m, BasisLinear) and m.bias is not None]
+    return [p for p in dict.fromkeys(params) if p.requires_grad]  # tied modules share a codebook: once each
 
 
 class LMTrainer(Trainer):
@@ -39,28 +121,62 @@ class LMTrainer(Trainer):
         centroid_learning_rate: if set, the centroids of hf_basis codebooks get their own param group with this
             learning rate (schedulers scale it like the others). A centroid's gradient is the sum of the gradients
             of every word that shares it, so plain SGD moves a decoded row much further than a dense row.
+        basis_optimizer: "same" (every parameter uses the Trainer's optimizer) or "adam" (with `optim="sgd"` only):
+            one `SGDWithAdamGroups` in which the basis layers' parameters (`basis_parameters`) take Adam steps of
+            `basis_learning_rate`, decayed linearly to 0 over the training steps, and the rest SGD steps.
+        basis_learning_rate: Adam's step size for basis_optimizer="adam".
     """
 
-    def __init__(self, *args, centroid_learning_rate: float | None = None, **kwargs) -> None:
+    def __init__(self, *args, centroid_learning_rate: float | None = None, basis_optimizer: str = "same",
+                 basis_learning_rate: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if basis_optimizer not in BASIS_OPTIMIZERS:
+            raise ValueError(f"basis_optimizer must be one of {list(BASIS_OPTIMIZERS)}, got {basis_optimizer!r}")
+        if basis_optimizer == "adam" and (
+            basis_learning_rate is None or centroid_learning_rate is not None or self.args.optim != "sgd"
+        ):
+            raise ValueError("basis_optimizer='adam' needs basis_learning_rate (Adam's step size, e.g. 1e-2), "
+                             "optim='sgd' and no centroid_learning_rate (got "
+                             f"{basis_learning_rate}, {self.args.optim!r}, {centroid_learning_rate})")
         self.train_tokens = 0
         self.centroid_learning_rate = centroid_learning_rate
+        self.basis_optimizer = basis_optimizer
+        self.basis_learning_rate = basis_learning_rate
 
     def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        if self.centroid_learning_rate is None:
-            return optimizer
         model = self.model if model is None else model
-        centroids = {id(m.centroids) for m in model.modules() if isinstance(m, Codebook)}
-        for group in list(optimizer.param_groups):
-            moved = [p for p in group["params"] if id(p) in centroids]
-            if moved:
-                group["params"] = [p for p in group["params"] if id(p) not in centroids]
-                optimizer.add_param_group(
-                    {**{k: v for k, v in group.items() if k != "params"}, "params": moved,
-                     "lr": self.centroid_learning_rate}
-                )
+        if self.centroid_learning_rate is not None:
+            centroids = {id(m.centroids) for m in model.modules() if isinstance(m, Codebook)}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in centroids]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in centroids]
+                    optimizer.add_param_group(
+                        {**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                         "lr": self.centroid_learning_rate}
+                    )
+        if self.basis_optimizer == "adam":
+            if any(g["dampening"] or g["nesterov"] for g in optimizer.param_groups):
+                raise ValueError("basis_optimizer='adam' supports SGD without dampening or Nesterov momentum")
+            adam = {id(p) for p in basis_parameters(model)}
+            groups = [{"params": [p for p in g["params"] if id(p) not in adam], "lr": g["lr"],
+                       "momentum": g["momentum"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            groups.append({"params": basis_parameters(model), "lr": self.basis_learning_rate, "adam": True,
+                           "weight_decay": 0.0})
+            self.optimizer = optimizer = SGDWithAdamGroups([g for g in groups if g["params"]],
+                                                           lr=self.args.learning_rate)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler; the Adam groups of a `SGDWithAdamGroups` also decay to 0 over these steps."""
+        optimizer = self.optimizer if optimizer is None else optimizer
+        for group in optimizer.param_groups:  # the optimizer may arrive wrapped by accelerate: its groups are ours
+            if group.get("adam"):
+                group["decay_steps"] = num_training_steps
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "recipes"
 
 import lm_data  # noqa: E402
 from lm_data import BlockDataset, BPTTBatches, build_tokenizer, load_corpus, token_stream, tokenize  # noqa: E402
-from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, token_nll  # noqa: E402
+from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, SGDWithAdamGroups, token_nll  # noqa: E402
 
 LINES = [" the cat sat on the mat ", " the dog sat ", "", " a zebra ran "]
 
@@ -194,3 +194,52 @@ def test_centroid_learning_rate_gets_its_own_group(tmp_path):
     assert groups[id(model.lm_head.codebook.centroids)] == 2.0
     assert groups[id(model.lm_head.bias)] == 20.0 and groups[id(model.encoder.weight)] == 20.0
     assert len(groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_sgd_with_adam_groups_matches_torch_sgd_and_adam():
+    torch.manual_seed(0)
+    a, b, c = torch.randn(5, 3), torch.randn(7), torch.randn(4)
+    mine = [x.clone().requires_grad_() for x in (a, b, c)]
+    ref = [x.clone().requires_grad_() for x in (a, b, c)]
+    decay = 6
+    opt = SGDWithAdamGroups([{"params": [mine[0]], "momentum": 0.9, "weight_decay": 0.1},
+                             {"params": [mine[1]], "adam": True, "lr": 0.01, "weight_decay": 0.01},
+                             {"params": [mine[2]], "adam": True, "lr": 0.02, "decay_steps": decay}], lr=0.5)
+    sgd = torch.optim.SGD([ref[0]], lr=0.5, momentum=0.9, weight_decay=0.1)
+    adam = torch.optim.Adam([ref[1]], lr=0.01, weight_decay=0.01)
+    adam_decayed = torch.optim.Adam([ref[2]], lr=0.02)
+    for step in range(1, 5):
+        grads = [torch.randn(5, 3), torch.randn(7), torch.randn(4)]
+        for params in (mine, ref):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt.step()
+        sgd.step()
+        adam.step()
+        adam_decayed.param_groups[0]["lr"] = 0.02 * (1 - step / decay)  # linear decay, by hand
+        adam_decayed.step()
+    for p, q in zip(mine, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert opt.state_dict()["state"][1]["step"] == 4  # the Adam state checkpoints with the optimizer
+
+
+def test_basis_optimizer_adam_gives_the_basis_parameters_adam_steps(tmp_path):
+    model = LSTMLMForCausalLM(LSTMLMConfig(vocab_size=40, emsize=8, nhid=8, nlayers=1))
+    hf_basis.convert(model, num_basis=2, num_clusters=4, modules="output")
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=20.0, optim="sgd", report_to="none", use_cpu=True)
+    trainer = LMTrainer(model=model, args=args, basis_optimizer="adam", basis_learning_rate=1e-2)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, SGDWithAdamGroups) and trainer.create_optimizer() is optimizer
+    groups = {id(p): (g["lr"], g["adam"]) for g in optimizer.param_groups for p in g["params"]}
+    assert groups[id(model.lm_head.codebook.centroids)] == groups[id(model.lm_head.bias)] == (1e-2, True)
+    assert groups[id(model.encoder.weight)] == (20.0, False)
+    assert len(groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    trainer.create_scheduler(num_training_steps=123)
+    assert [g["decay_steps"] for g in optimizer.param_groups if g["adam"]] == [123]
+    with pytest.raises(ValueError, match="basis_learning_rate"):
+        LMTrainer(model=model, args=args, basis_optimizer="adam")
+    adamw = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch", report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="optim='sgd'"):
+        LMTrainer(model=model, args=adamw, basis_optimizer="adam", basis_learning_rate=1e-2)
+    with pytest.raises(ValueError, match="basis_optimizer must be one of"):
+        LMTrainer(model=model, args=args, basis_optimizer="lion", basis_learning_rate=1e-2)

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(REPO, "recipes"))
 
 import train_ptb  # noqa: E402
 import train_wikitext  # noqa: E402
+import lm_trainer  # noqa: E402
 from lm_recipe import parse_args  # noqa: E402
 
 PTB_DIR = os.environ.get("HF_BASIS_PTB_DIR", os.path.join(REPO, "..", "shared", "data", "ptb"))
@@ -81,6 +82,16 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
             parse_args(["--pq_calibration_batches", "10", *flags], {})
     with pytest.raises(SystemExit):
         parse_args(["--pq_calibration_batches", "-1", "--compression", "basis"], {})
+    assert comp_args.basis_optimizer == "same"
+    for flags in (["--compression", "basis"],  # no --basis_learning_rate
+                  ["--compression", "quant", "--basis_learning_rate", "0.01"],
+                  ["--compression", "basis", "--basis_learning_rate", "0.01", "--optim", "adamw_torch"],
+                  ["--compression", "basis", "--basis_learning_rate", "0.01", "--centroid_learning_rate", "5"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--basis_optimizer", "adam", *flags], train_ptb.PTB_DEFAULTS)
+    for flags in (["--basis_optimizer", "lion"], ["--basis_learning_rate", "0.01"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--compression", "basis", *flags], train_ptb.PTB_DEFAULTS)
     for name in os.listdir(os.path.join(REPO, "recipes", "configs")):  # every shipped config parses
         parse_args([os.path.join(REPO, "recipes", "configs", name)], train_ptb.PTB_DEFAULTS)
 
@@ -104,16 +115,32 @@ def test_ptb_recipe_dense_end_to_end(tiny_corpus, tmp_path):
     assert generated.shape == (1, 6)
 
 
-def test_ptb_recipe_dense_then_basis(tiny_corpus, tmp_path):
+def test_ptb_recipe_dense_then_basis(tiny_corpus, tmp_path, monkeypatch):
+    adam_steps = []  # (param shape, step, decay_steps) of every Adam update
+    adam_step = lm_trainer.SGDWithAdamGroups._adam_step
+
+    def spy(p, grad, state, group):
+        adam_step(p, grad, state, group)
+        adam_steps.append((tuple(p.shape), state["step"], group["decay_steps"]))
+
+    monkeypatch.setattr(lm_trainer.SGDWithAdamGroups, "_adam_step", staticmethod(spy))
     out = tmp_path / "basis"
     results = train_ptb.main(
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
          "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--num_basis", "4",
-         "--num_clusters", "8", "--per_device_train_batch_size", "4", "--centroid_learning_rate", "5"],
+         "--num_clusters", "8", "--per_device_train_batch_size", "4", "--basis_optimizer", "adam",
+         "--basis_learning_rate", "0.01"],
         train_ptb.PTB_DEFAULTS,
     )
     assert {entry["phase"] for entry in results["log_history"]} == {"dense", "basis"}
     assert results["compression"] == "basis" and results["compression_ratio"] > 1
+    # --basis_optimizer adam: only the basis phase's centroids and output bias took Adam steps, one per optimizer
+    # step, decaying over exactly the phase's steps.
+    basis_steps = max(e["step"] for e in results["log_history"] if e["phase"] == "basis")
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert {shape for shape, _, _ in adam_steps} == {(4, 8, 32 // 4), (vocab,)}  # centroids (B, K, nhid / B), bias
+    assert max(step for _, step, _ in adam_steps) == basis_steps
+    assert {decay for _, _, decay in adam_steps} == {basis_steps}
     layers = results["compressed_modules"]["layers"]
     assert [layer["name"] for layer in layers] == ["lm_head"] and layers[0]["kind"] == "BasisLinear"
     assert results["emb_head_bytes_after"] < results["emb_head_bytes_before"]
