@@ -3,6 +3,9 @@
 Methods (bf16, no bias, random data; labels uniform over the vocabulary):
   basis   hf_basis.ops.basis_cross_entropy over an 8 x 384 basis head (Triton kernels, default configs)
   basis_gtN  the same with an N MiB budget for the V x Tc gradient buffer (another token chunk size)
+  basis_1thread  the same eager call with autograd's backward on the calling thread
+           (`torch.autograd.set_multithreading_enabled(False)`): on the benchmark host, handing the backward to
+           autograd's CUDA worker thread costs ~0.4 ms per call (a trivial custom Function's fwd+bwd: 369 us)
   basis_graph  the basis call captured once in a CUDA graph and replayed: its GPU time alone, without the host's
            Python / Triton launch overhead (which sets the pace of small calls on a slow host CPU); no memory column
   dense   PyTorch: F.linear, upcast to fp32, F.cross_entropy (what transformers' ForCausalLMLoss does)
@@ -64,6 +67,11 @@ def method_fn(name, hidden, labels, centroids, codes, weight):
     if name == "basis":
         def fn():
             basis_cross_entropy(hidden, centroids, codes, None, labels).backward()
+        return fn, [hidden, centroids]
+    if name == "basis_1thread":
+        def fn():
+            with torch.autograd.set_multithreading_enabled(False):
+                basis_cross_entropy(hidden, centroids, codes, None, labels).backward()
         return fn, [hidden, centroids]
     if name.startswith("basis_gt"):  # the same with another Gt budget (MiB), i.e. another token chunk size
         from hf_basis.ops.basis_cross_entropy_triton import chunk_tokens
@@ -192,11 +200,15 @@ def run_table(args):
         peers = {m: e["ms"] for m, e in by.items() if not m.startswith("basis") and "ms" in e}
         ours = by.get("basis", {}).get("ms")
         sp = " ".join(f"{m} {v / ours:.1f}x" for m, v in peers.items()) if ours else "-"
+        one = by.get("basis_1thread", {}).get("ms")
+        if one:
+            sp += " (autograd on the calling thread: " + " ".join(f"{m} {v / one:.1f}x" for m, v in peers.items()) + ")"
         gpu = by.get("basis_graph", {}).get("ms")
         if gpu:
             sp += " (GPU only: " + " ".join(f"{m} {v / gpu:.1f}x" for m, v in peers.items()) + ")"
         lines.append(f"{f'{T}, {H}, {V}':>22} | " + " | ".join(cells) + f" | {sp}")
         summary.append({"shape": [T, H, V], "speedup_vs": {m: v / ours for m, v in peers.items()} if ours else {},
+                        "one_thread_speedup_vs": {m: v / one for m, v in peers.items()} if one else {},
                         "gpu_only_speedup_vs": {m: v / gpu for m, v in peers.items()} if gpu else {}})
     for r in results:
         if "error" in r:
@@ -388,7 +400,7 @@ def _tuples(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="T,H,V;T,H,V")
-    p.add_argument("--methods", default="basis,basis_graph,dense,liger,cce")
+    p.add_argument("--methods", default="basis,basis_1thread,basis_graph,dense,liger,cce")
     p.add_argument("--num-basis", type=int, default=8)
     p.add_argument("--clusters", type=int, default=384)
     p.add_argument("--rep-ms", type=int, default=400)
