@@ -44,6 +44,12 @@ ANCHORS = {
     (2048, 2048, 50000): {"dense": (3.36, 1.17), "liger": (12.2, 0.22), "cce": (8.4, 0.20)},
 }
 GiB = 2**30
+# (basis method, key of its speedups in the JSON summary, its label in the table's speedup column)
+SPEEDUP_VARIANTS = [
+    ("basis", "speedup_vs", ""),
+    ("basis_1thread", "one_thread_speedup_vs", "autograd on the calling thread"),
+    ("basis_graph", "gpu_only_speedup_vs", "GPU only"),
+]
 
 
 def make_problem(T, H, V, B, K, dtype, seed=0):
@@ -198,18 +204,16 @@ def run_table(args):
             mem = f"{e['peak_gib']:5.2f}G" if e.get("peak_gib") is not None else f"{'':>6}"
             cells.append(f"{e['ms']:8.2f} ms {mem}" if "ms" in e else f"{'failed':>18}")
         peers = {m: e["ms"] for m, e in by.items() if not m.startswith("basis") and "ms" in e}
-        ours = by.get("basis", {}).get("ms")
-        sp = " ".join(f"{m} {v / ours:.1f}x" for m, v in peers.items()) if ours else "-"
-        one = by.get("basis_1thread", {}).get("ms")
-        if one:
-            sp += " (autograd on the calling thread: " + " ".join(f"{m} {v / one:.1f}x" for m, v in peers.items()) + ")"
-        gpu = by.get("basis_graph", {}).get("ms")
-        if gpu:
-            sp += " (GPU only: " + " ".join(f"{m} {v / gpu:.1f}x" for m, v in peers.items()) + ")"
+        entry = {"shape": [T, H, V]}
+        sp = "-" if "ms" not in by.get("basis", {}) else ""
+        for method, key, label in SPEEDUP_VARIANTS:
+            ms = by.get(method, {}).get("ms")
+            entry[key] = {m: v / ms for m, v in peers.items()} if ms else {}
+            if ms:
+                ratios = " ".join(f"{m} {v:.1f}x" for m, v in entry[key].items())
+                sp += f" ({label}: {ratios})" if label else ratios
         lines.append(f"{f'{T}, {H}, {V}':>22} | " + " | ".join(cells) + f" | {sp}")
-        summary.append({"shape": [T, H, V], "speedup_vs": {m: v / ours for m, v in peers.items()} if ours else {},
-                        "one_thread_speedup_vs": {m: v / one for m, v in peers.items()} if one else {},
-                        "gpu_only_speedup_vs": {m: v / gpu for m, v in peers.items()} if gpu else {}})
+        summary.append(entry)
     for r in results:
         if "error" in r:
             lines.append(f"  {r['method']} at {r['T']},{r['H']},{r['V']}: {r['error']}")

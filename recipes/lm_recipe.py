@@ -34,7 +34,15 @@ from transformers import (
 import hf_basis
 from hf_basis.models.lstm import LSTMLMConfig
 from lm_data import CORPORA, BlockDataset, BPTTBatches, build_tokenizer, load_corpus, token_stream, tokenize
-from lm_trainer import BASIS_OPTIMIZERS, BPTTTrainer, LMTrainer, PerplexityMetric, StopOnInterrupt, token_nll
+from lm_trainer import (
+    BASIS_OPTIMIZERS,
+    BPTTTrainer,
+    LMTrainer,
+    PerplexityMetric,
+    StopOnInterrupt,
+    basis_optimizer_error,
+    token_nll,
+)
 
 __all__ = ["CompressionArguments", "DataArguments", "ModelArguments", "main", "parse_args"]
 
@@ -145,16 +153,12 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
     ):
         parser.error("--pq_calibration_batches needs --compression basis with an untied output layer in "
                      "--basis_modules (output or both)")
-    if comp_args.basis_optimizer not in BASIS_OPTIMIZERS:
-        parser.error(f"--basis_optimizer must be one of {BASIS_OPTIMIZERS}")
-    if comp_args.basis_optimizer == "adam" and (
-        comp_args.compression != "basis" or comp_args.basis_learning_rate is None or training_args.optim != "sgd"
-        or comp_args.centroid_learning_rate is not None
-    ):
-        parser.error("--basis_optimizer adam needs --compression basis, --basis_learning_rate (Adam's step size, e.g. "
-                     "1e-2), --optim sgd and no --centroid_learning_rate")
-    if comp_args.basis_learning_rate is not None and comp_args.basis_optimizer != "adam":
-        parser.error("--basis_learning_rate is the step size of --basis_optimizer adam")
+    error = basis_optimizer_error(comp_args.basis_optimizer, comp_args.basis_learning_rate,
+                                  comp_args.centroid_learning_rate, training_args.optim)
+    if error:
+        parser.error(error)
+    if comp_args.basis_optimizer == "adam" and comp_args.compression != "basis":
+        parser.error("--basis_optimizer adam needs --compression basis")
     if comp_args.dense_warmup_epochs and comp_args.compression == "none":
         parser.error("--dense_warmup_epochs needs --compression basis or quant")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:

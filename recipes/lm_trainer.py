@@ -35,6 +35,7 @@ __all__ = [
     "PerplexityMetric",
     "SGDWithAdamGroups",
     "StopOnInterrupt",
+    "basis_optimizer_error",
     "basis_parameters",
     "token_nll",
 ]
@@ -107,6 +108,20 @@ class SGDWithAdamGroups(torch.optim.Optimizer):
 BASIS_OPTIMIZERS = ("same", "adam")
 
 
+def basis_optimizer_error(basis_optimizer: str, basis_learning_rate: float | None,
+                          centroid_learning_rate: float | None, optim: str) -> str | None:
+    """Why these basis-optimizer settings are invalid (the recipe's parser and LMTrainer both ask), or None."""
+    if basis_optimizer not in BASIS_OPTIMIZERS:
+        return f"basis_optimizer must be one of {list(BASIS_OPTIMIZERS)}, got {basis_optimizer!r}"
+    if basis_optimizer == "adam" and (basis_learning_rate is None or centroid_learning_rate is not None
+                                      or optim != "sgd"):
+        return ("basis_optimizer='adam' needs basis_learning_rate (Adam's step size, e.g. 1e-2), optim='sgd' and no "
+                f"centroid_learning_rate (got {basis_learning_rate}, {optim!r}, {centroid_learning_rate})")
+    if basis_learning_rate is not None and basis_optimizer != "adam":
+        return "basis_learning_rate is the step size of basis_optimizer='adam'"
+    return None
+
+
 def basis_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable parameters of the model's basis layers: codebook centroids and the biases of BasisLinear."""
     params = [m.centroids for m in model.modules() if isinstance(m, Codebook)]
@@ -130,14 +145,9 @@ class LMTrainer(Trainer):
     def __init__(self, *args, centroid_learning_rate: float | None = None, basis_optimizer: str = "same",
                  basis_learning_rate: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if basis_optimizer not in BASIS_OPTIMIZERS:
-            raise ValueError(f"basis_optimizer must be one of {list(BASIS_OPTIMIZERS)}, got {basis_optimizer!r}")
-        if basis_optimizer == "adam" and (
-            basis_learning_rate is None or centroid_learning_rate is not None or self.args.optim != "sgd"
-        ):
-            raise ValueError("basis_optimizer='adam' needs basis_learning_rate (Adam's step size, e.g. 1e-2), "
-                             "optim='sgd' and no centroid_learning_rate (got "
-                             f"{basis_learning_rate}, {self.args.optim!r}, {centroid_learning_rate})")
+        error = basis_optimizer_error(basis_optimizer, basis_learning_rate, centroid_learning_rate, self.args.optim)
+        if error:
+            raise ValueError(error)
         self.train_tokens = 0
         self.centroid_learning_rate = centroid_learning_rate
         self.basis_optimizer = basis_optimizer
@@ -161,11 +171,11 @@ class LMTrainer(Trainer):
         if self.basis_optimizer == "adam":
             if any(g["dampening"] or g["nesterov"] for g in optimizer.param_groups):
                 raise ValueError("basis_optimizer='adam' supports SGD without dampening or Nesterov momentum")
-            adam = {id(p) for p in basis_parameters(model)}
-            groups = [{"params": [p for p in g["params"] if id(p) not in adam], "lr": g["lr"],
+            adam = basis_parameters(model)
+            adam_ids = {id(p) for p in adam}
+            groups = [{"params": [p for p in g["params"] if id(p) not in adam_ids], "lr": g["lr"],
                        "momentum": g["momentum"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-            groups.append({"params": basis_parameters(model), "lr": self.basis_learning_rate, "adam": True,
-                           "weight_decay": 0.0})
+            groups.append({"params": adam, "lr": self.basis_learning_rate, "adam": True, "weight_decay": 0.0})
             self.optimizer = optimizer = SGDWithAdamGroups([g for g in groups if g["params"]],
                                                            lr=self.args.learning_rate)
         return optimizer
