@@ -7,12 +7,14 @@
 "Basis linear" is the whole module path: projection bmm (x -> P: (B, K, T)) + decode + bias, i.e.
 `hf_basis.ops.basis_linear.basis_linear`. Inputs are random (never zeros), codes uniform in [0, K).
 
-CUDA timings are medians of `triton.testing.do_bench` (warm-up excluded, L2 flushed before every call, so launch
-gaps count but host-side Python overhead mostly does not). fwd+bwd = forward + backward with a fixed random
+CUDA timings are medians of `triton.testing.do_bench` (warm-up excluded, L2 flushed before every call; a call
+whose host side takes longer than that flush is timed at its host pace). fwd+bwd = forward + backward with a fixed random
 grad_output, grads set to None before each call. The decode kernel's forward time is also given as a multiple of the
 time to write the logits once (T*V*elem bytes) at the copy bandwidth measured in the same run ((read+write)/time of a
 1 GiB device copy). CUDA-graph columns (`--cuda-graphs`, on by default) replay the same work as one graph; they are
-extra columns, the eager numbers are the headline.
+the GPU time of the work and the headline at 128 tokens: there the eager columns are paced by the host (Python,
+autograd, Triton's launcher), whose time to issue one basis call is given too (`host ... us`, CPU time of 50 calls
+issued back to back without synchronising).
 
 CPU timings: median of perf_counter loops after warm-up, dense and basis timed in alternation.
 Writes benchmarks/results/basis_vs_linear_<device-slug>.json (or --out).
@@ -71,6 +73,22 @@ def _do_bench(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
+def _host_us(fn, params, calls=50):
+    """CPU time to issue one call (microseconds): `calls` calls back to back without synchronising. Few enough calls
+    that the launch queue never fills, so a GPU-bound call is not counted at its GPU time."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        for p in params:
+            p.grad = None
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def _graph_ms(fn, params):
     """Capture fn (forward, or forward+backward) in one CUDA graph and time its replay."""
     s = torch.cuda.Stream()
@@ -126,6 +144,9 @@ def bench_cuda_row(T, H, V, B, K, dtype, device, cuda_graphs=True, copy_bw=None)
     row["basis_fwd_bwd_ms"] = _do_bench(basis_step, grad_to_none=basis_params)
     row["fwd_speedup"] = row["dense_fwd_ms"] / row["basis_fwd_ms"]
     row["fwd_bwd_speedup"] = row["dense_fwd_bwd_ms"] / row["basis_fwd_bwd_ms"]
+    # what paces the eager basis columns when they exceed the graph replay: the host issuing the work
+    row["host_basis_fwd_us"] = _host_us(basis_fwd, [])
+    row["host_basis_fwd_bwd_us"] = _host_us(basis_step, basis_params)
 
     # parts, for the record
     with torch.no_grad():
@@ -222,6 +243,8 @@ def _print_table(rows, device_name, graphs):
         ("decode_fwd_ms", "decode", "{:>7.4f}"),
         ("decode_over_write", "dec/wr", "{:>6.2f}"),
         ("decode_bwd_ms", "dec bwd", "{:>7.4f}"),
+        ("host_basis_fwd_us", "host fwd us", "{:>11.0f}"),
+        ("host_basis_fwd_bwd_us", "host f+b us", "{:>11.0f}"),
     ]
     if graphs:
         cols += [("graph_fwd_speedup", "g fwd x", "{:>7.2f}"), ("graph_fwd_bwd_speedup", "g f+b x", "{:>7.2f}")]

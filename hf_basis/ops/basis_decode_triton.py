@@ -167,7 +167,8 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 # Measured on an H100 (T=128, V=100k, 8 x 384, fp16; benchmarks/results/ and the notes in the report):
-#   forward   64 x 64 tiles, 4 warps: 25.1 us (32 x 64 x 2 warps 24.8, 64 x 32 x 4 26.3, 256-wide tiles spill: 0.5 ms);
+#   forward   32 words x 64 tokens, 2 warps: 25.0 us (64 x 64 x 4 warps 25.6-26.5, 64 words x 32 tokens 26.9, 128-token
+#             tiles no faster, 256-wide tiles spill: 0.5 ms); at V=150k / 200k 33.7 / 44.3 us against 35.6 / 46.1;
 #   transpose 64 words x 128 tokens, 2 warps: 24.0 us (2x the logits at copy bandwidth: 17 us);
 #   segments  8 words x 128 tokens, 1 warp: 34.8 us (16 x 64 x 2 warps 37.9; 4 warps 47-49).
 # Small programs win: the gathers are latency-bound and more resident programs keep more of them in flight.
@@ -175,10 +176,10 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _forward_config(T: int, V: int, B: int) -> dict:
-    """BLOCK_V words x BLOCK_T tokens per program. Small T (decoding): the whole token range, wider word tiles."""
+    """BLOCK_V words x BLOCK_T tokens per program: 2048 logits; fewer tokens (decoding) -> wider word tiles."""
     block_t = _pow2_at_most(T, 64)
-    block_v = 64 if block_t >= 32 else min(1024, 2048 // block_t)
-    return {"BLOCK_V": block_v, "BLOCK_T": block_t, "num_warps": 4, "num_stages": 1}
+    block_v = min(1024, 2048 // block_t)
+    return {"BLOCK_V": block_v, "BLOCK_T": block_t, "num_warps": 2 if block_t == 64 else 4, "num_stages": 1}
 
 
 @functools.lru_cache(maxsize=64)

@@ -55,9 +55,11 @@ def make_inputs(B, K, T, V, codes_dtype=torch.uint8, dtype=torch.float32, with_b
     return P, codes, bias
 
 
-# (B, K, T, V, codes dtype): num_basis 1 and 16, K = 3 / 256 (uint8) / 300 / 1000 (int16), T = 1 and odd, V odd.
+# (B, K, T, V, codes dtype): num_basis 1 and 16, K = 3 / 256 (uint8) / 300 / 1000 (int16), T = 1 and odd, V odd;
+# T = 70: the 64-token tiles of the default config, the second one partial.
 FORWARD_SHAPES = [
     (1, 3, 1, 50, torch.uint8),
+    (2, 300, 70, 1007, torch.int16),
     (8, 256, 37, 1007, torch.uint8),
     (16, 3, 16, 129, torch.uint8),
     (2, 300, 5, 1007, torch.int16),
