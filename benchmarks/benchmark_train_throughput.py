@@ -5,7 +5,9 @@ plain PyTorch loop (forward with labels -> loss -> backward -> step -> zero_grad
   dense        nn.Linear head, transformers' default loss (F.cross_entropy on fp32-upcast logits)
   dense_liger  same, Liger's fused linear CE patched in (if liger-kernel imports)
   basis        the head replaced by a BasisLinear (8 x 384, random codes) with hf_basis' fused loss installed,
-               as hf_basis.convert does: training calls never build the logits
+               as hf_basis.convert does: training calls never build the logits (the issue's comparison: head only)
+  basis_in_out the same, and the input embedding a BasisEmbedding (8 x 384) too: what hf_basis.convert does by
+               default (an extra row; not the head-only comparison)
 Reports tokens/s over the timed steps (CUDA events), ms per step and the peak allocated memory (GiB) of the run.
 
     PYTHONPATH=. python benchmarks/benchmark_train_throughput.py     # -> benchmarks/results/train_throughput_<gpu>.json
@@ -26,6 +28,7 @@ from bench_utils import result_path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_basis.integrations.fused_loss import install_fused_loss  # noqa: E402
+from hf_basis.modules.basis_embedding import BasisEmbedding  # noqa: E402
 from hf_basis.modules.basis_linear import BasisLinear  # noqa: E402
 
 GiB = 2**30
@@ -43,13 +46,18 @@ def build(head: str, args) -> torch.nn.Module:
         model = transformers.LlamaForCausalLM(cfg)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     model.to(torch.bfloat16)
-    if head == "basis":
+    if head in ("basis", "basis_in_out"):
         new = BasisLinear(768, args.vocab, args.num_basis, args.clusters, bias=False, device="cuda",
                           dtype=torch.bfloat16)
         with torch.no_grad():
             new.codebook.codes.copy_(torch.randint(0, args.clusters, new.codebook.codes.shape, device="cuda"))
         model.set_output_embeddings(new)
         assert install_fused_loss(model)
+    if head == "basis_in_out":
+        emb = BasisEmbedding(args.vocab, 768, args.num_basis, args.clusters, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            emb.codebook.codes.copy_(torch.randint(0, args.clusters, emb.codebook.codes.shape, device="cuda"))
+        model.set_input_embeddings(emb)
     elif head == "dense_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -96,7 +104,7 @@ def run(head: str, args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--heads", default="dense,dense_liger,basis")
+    p.add_argument("--heads", default="dense,dense_liger,basis,basis_in_out")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
