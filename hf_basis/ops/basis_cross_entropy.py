@@ -20,7 +20,8 @@ Backward: with s[t] the upstream gradient of token t (the reduction folded in),
     dloss/dl[t, w] = (s (1 + 2 z lse) softmax'[t, w] - s (1 - eps) [w = y] - s eps / V) * (1 - tanh^2 if softcap)
 
 recomputed chunk by chunk of tokens and scattered onto grad_P (then the bmm's backward gives hidden and centroids
-their gradients; grad_bias is the sum over tokens). Two implementations share this file's autograd Function:
+their gradients; grad_bias is the sum over tokens). For a scalar loss this runs inside the forward with s = 1 (or
+1 / count) and the backward multiplies by the upstream gradient (see `basis_cross_entropy`). Two implementations share this file's autograd Function:
   "triton"  basis_cross_entropy_triton.py: forward = an online-lse kernel + a per-token finalize kernel; backward =
             per token chunk a gradient kernel writing dloss/dl transposed (V, Tc), then the decode backward's
             deterministic segment sum. CUDA.
@@ -149,23 +150,46 @@ def _kernels(impl: str):
     return forward_stats_reference, ce_grad_reference
 
 
+def _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale, softcap, impl, chunk):
+    """Gradients of hidden, centroids and bias (None where not needed) for per-token upstream gradient `scale`."""
+    need_hidden, need_centroids, need_bias = needs
+    _, grad_fn = _kernels(impl)
+    grad_P, grad_bias = grad_fn(P, codes, bias, stats, labels, scale, softcap, need_bias, chunk=chunk)  # (B, K, T)
+    grad_hidden, grad_centroids = centroid_scores_backward(grad_P, hidden, centroids, need_hidden, need_centroids)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_centroids, grad_bias
+
+
 class BasisCrossEntropyFunction(torch.autograd.Function):
     """hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B), bias (V,) or None, labels (T,) -> loss.
 
+    With `grads_in_forward` (a scalar loss whose gradient will be needed; see `basis_cross_entropy`) the forward also
+    computes the gradients for an upstream gradient of 1 and the backward only scales them: the backward then issues
+    one op on autograd's worker thread instead of ~10, which on a slow host is what paced a small call.
     Kept lean on purpose: every PyTorch op is ~10 us of CPU, which matters next to ~1 ms of kernels.
     """
 
     @staticmethod
     def forward(ctx, hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, impl, chunk):
+                softcap, impl, chunk, grads_in_forward):
         forward_fn, _ = _kernels(impl)
         P = centroid_scores(hidden, centroids).contiguous()  # (B, K, T)
         kwargs = {"chunk": chunk} if impl == "torch" else {}
         stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
         sums = out.sum(dim=1)  # loss sum, number of counted tokens, number of out-of-range labels
         torch._assert_async(sums[2] == 0, "basis_cross_entropy: a label is out of range [0, vocab)")
-        ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, sums)
-        ctx.options = (reduction, softcap, impl, chunk)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and bias is not None))
+        # "mean" with no counted token: the coefficients are all 0, keep the scale finite
+        count = sums[1].clamp_min(1.0).reshape(1) if reduction == "mean" else None
+        ctx.grads_in_forward = grads_in_forward and any(needs)
+        if ctx.grads_in_forward:
+            scale = 1.0 / count if count is not None else torch.ones(1, device=P.device)
+            ctx.save_for_backward(*_input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale,
+                                                softcap, impl, chunk))
+        else:
+            ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, count)
+            ctx.options = (needs, reduction, softcap, impl, chunk)
         if reduction == "mean":
             return sums[0] / sums[1]
         if reduction == "sum":
@@ -175,25 +199,22 @@ class BasisCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        hidden, centroids, codes, bias, P, stats, labels, sums = ctx.saved_tensors
-        reduction, softcap, impl, chunk = ctx.options
-        _, grad_fn = _kernels(impl)
-        need_hidden, need_centroids, _, need_bias = ctx.needs_input_grad[:4]
-        need_bias = bool(need_bias and bias is not None)
-        if not (need_hidden or need_centroids or need_bias):
-            return (None,) * 12
-
-        if reduction == "mean":  # no counted token: the coefficients are all 0, keep the scale finite
-            scale = (grad_out.float() / sums[1].clamp_min(1.0)).reshape(1)
-        elif reduction == "sum":
-            scale = grad_out.float().reshape(1)
+        if ctx.grads_in_forward:
+            grads = ctx.saved_tensors
+            present = [g for g in grads if g is not None]
+            scaled = iter(torch._foreach_mul(present, grad_out))  # one launch; out of place (retain_graph reuses)
+            grads = [next(scaled) if g is not None else None for g in grads]
         else:
-            scale = grad_out.float().contiguous()
-        grad_P, grad_bias = grad_fn(P, codes, bias, stats, labels, scale, softcap, need_bias, chunk=chunk)  # (B, K, T)
-        grad_hidden, grad_centroids = centroid_scores_backward(grad_P, hidden, centroids, need_hidden, need_centroids)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_centroids, None, grad_bias, None, None, None, None, None, None, None, None
+            hidden, centroids, codes, bias, P, stats, labels, count = ctx.saved_tensors
+            needs, reduction, softcap, impl, chunk = ctx.options
+            if not any(needs):
+                return (None,) * 13
+            scale = grad_out.float().contiguous() if reduction == "none" else grad_out.float().reshape(1)
+            if count is not None:
+                scale = scale / count
+            grads = _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale, softcap, impl, chunk)
+        grad_hidden, grad_centroids, grad_bias = grads
+        return grad_hidden, grad_centroids, None, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def basis_cross_entropy(
@@ -229,7 +250,10 @@ def basis_cross_entropy(
             PyTorch path builds at most 2**24 fp32 logits at a time).
 
     Returns the loss in fp32 (a scalar, or labels' shape for reduction="none"). Gradients reach hidden, centroids and
-    bias; none of them ever needs a T x V tensor.
+    bias; none of them ever needs a T x V tensor. For reduction "mean" / "sum" with grad enabled and an input that
+    requires grad (bf16 / fp32 hidden), the gradients are computed during the forward and the backward only scales
+    them, as in Liger-Kernel's fused linear cross-entropy: a loss computed under grad but never backpropagated costs
+    those passes too (evaluate under `torch.no_grad()`, as the Trainer does).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
@@ -258,9 +282,18 @@ def basis_cross_entropy(
 
     if centroids.dtype != hidden.dtype:
         centroids = centroids.to(hidden.dtype)
+    # Gradients in the forward (as Liger's fused linear cross-entropy does) for a scalar loss that will need them.
+    # Not for fp16: there the backward's upstream gradient (often a loss scale) must multiply before the rounding.
+    grads_in_forward = (
+        reduction != "none"
+        and hidden.dtype != torch.float16
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (hidden, centroids, bias))
+    )
     lead = labels.shape
     loss = BasisCrossEntropyFunction.apply(
         hidden.reshape(-1, B * d), centroids, codes, bias, labels.reshape(-1), int(ignore_index), reduction,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), impl, chunk_tokens,
+        grads_in_forward,
     )
     return loss.view(lead) if reduction == "none" else loss

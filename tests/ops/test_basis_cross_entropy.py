@@ -72,7 +72,8 @@ def _rel(a, b):
 
 def _check(impl, reduction, eps, z, cap, bias, dtype=torch.float32, tol=1e-5, chunk=None, **shape):
     x, C, codes, b, y = _problem(dtype=dtype, bias=bias, **shape)
-    weight = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if reduction == "none" else 1.0
+    # upstream gradient: per token for "none", a scalar != 1 otherwise (the backward must scale by it)
+    weight = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if reduction == "none" else 0.37
     ref, ref_g = _grads(lambda x_, C_, b_: _dense_loss(x_, C_, codes, b_, y, reduction, eps, z, cap),
                         [t.double() if t is not None else None for t in (x, C, b)], weight)
     out, g = _grads(lambda x_, C_, b_: basis_cross_entropy(x_, C_, codes, b_, y, reduction=reduction,
@@ -97,6 +98,51 @@ def test_bf16(impl):
     # bf16 inputs: the reference runs in float64 on the same (rounded) values; our logits accumulate in fp32 and the
     # logit gradient is stored in bf16 before the scatter.
     _check(impl, "mean", 0.1, 1e-3, None, True, dtype=torch.bfloat16, tol=1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16(impl):
+    # fp16 keeps the gradient passes in the backward, so that the upstream gradient scales before the rounding
+    _check(impl, "mean", 0.1, 1e-3, None, True, dtype=torch.float16, tol=1e-2)
+
+
+def _count_gradient_passes(monkeypatch):
+    """Counts calls of the gradient pass (the reference's ce_grad_reference) through the module's `_kernels`."""
+    import hf_basis.ops.basis_cross_entropy as ce
+
+    calls = []
+    original = ce._kernels
+
+    def counting(impl):
+        forward_fn, grad_fn = original(impl)
+        return forward_fn, lambda *a, **k: (calls.append(1), grad_fn(*a, **k))[1]
+
+    monkeypatch.setattr(ce, "_kernels", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "dtype,reduction,in_forward",
+    [(torch.float32, "mean", True), (torch.bfloat16, "sum", True), (torch.float16, "mean", False),
+     (torch.float32, "none", False)],
+)
+def test_gradient_pass_runs_once_where_documented(monkeypatch, dtype, reduction, in_forward):
+    """A scalar bf16/fp32 loss computes its gradients in the forward; fp16 and "none" in the backward; never twice,
+    never under no_grad; a second backward (retain_graph) accumulates the same gradients again."""
+    calls = _count_gradient_passes(monkeypatch)
+    x, C, codes, b, y = _problem(T=12, V=20, dtype=dtype)
+    with torch.no_grad():
+        basis_cross_entropy(x, C, codes, b, y, reduction=reduction, impl="torch")
+    assert calls == []
+    xl = x.clone().requires_grad_()
+    loss = basis_cross_entropy(xl, C, codes, b, y, reduction=reduction, impl="torch")
+    assert len(calls) == (1 if in_forward else 0)
+    loss.sum().backward(retain_graph=True)
+    assert len(calls) == 1
+    first = xl.grad.clone()
+    loss.sum().backward()
+    assert len(calls) == (1 if in_forward else 2)
+    torch.testing.assert_close(xl.grad, 2 * first)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
