@@ -8,8 +8,8 @@
 `hf_basis.ops.basis_linear.basis_linear`. Inputs are random (never zeros), codes uniform in [0, K).
 
 CUDA timings are medians of `triton.testing.do_bench` (warm-up excluded, L2 flushed before every call; a call
-whose host side takes longer than that flush is timed at its host pace). fwd+bwd = forward + backward with a fixed random
-grad_output, grads set to None before each call. The decode kernel's forward time is also given as a multiple of the
+whose host side takes longer than that flush is timed at its host pace). fwd+bwd = forward + backward with a fixed
+random grad_output, grads set to None before each call. The decode kernel's forward time is also given as a multiple of the
 time to write the logits once (T*V*elem bytes) at the copy bandwidth measured in the same run ((read+write)/time of a
 1 GiB device copy). CUDA-graph columns (`--cuda-graphs`, on by default) replay the same work as one graph; they are
 the GPU time of the work and the headline at 128 tokens: there the eager columns are paced by the host (Python,

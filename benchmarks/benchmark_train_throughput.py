@@ -34,6 +34,12 @@ from hf_basis.modules.basis_linear import BasisLinear  # noqa: E402
 GiB = 2**30
 
 
+def with_random_codes(module: torch.nn.Module, clusters: int) -> torch.nn.Module:
+    with torch.no_grad():
+        module.codebook.codes.copy_(torch.randint(0, clusters, module.codebook.codes.shape, device="cuda"))
+    return module
+
+
 def build(head: str, args) -> torch.nn.Module:
     import transformers
 
@@ -49,15 +55,11 @@ def build(head: str, args) -> torch.nn.Module:
     if head in ("basis", "basis_in_out"):
         new = BasisLinear(768, args.vocab, args.num_basis, args.clusters, bias=False, device="cuda",
                           dtype=torch.bfloat16)
-        with torch.no_grad():
-            new.codebook.codes.copy_(torch.randint(0, args.clusters, new.codebook.codes.shape, device="cuda"))
-        model.set_output_embeddings(new)
+        model.set_output_embeddings(with_random_codes(new, args.clusters))
         assert install_fused_loss(model)
-    if head == "basis_in_out":
-        emb = BasisEmbedding(args.vocab, 768, args.num_basis, args.clusters, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            emb.codebook.codes.copy_(torch.randint(0, args.clusters, emb.codebook.codes.shape, device="cuda"))
-        model.set_input_embeddings(emb)
+        if head == "basis_in_out":
+            emb = BasisEmbedding(args.vocab, 768, args.num_basis, args.clusters, device="cuda", dtype=torch.bfloat16)
+            model.set_input_embeddings(with_random_codes(emb, args.clusters))
     elif head == "dense_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

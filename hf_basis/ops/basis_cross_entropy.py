@@ -21,7 +21,8 @@ Backward: with s[t] the upstream gradient of token t (the reduction folded in),
 
 recomputed chunk by chunk of tokens and scattered onto grad_P (then the bmm's backward gives hidden and centroids
 their gradients; grad_bias is the sum over tokens). For a scalar loss this runs inside the forward with s = 1 (or
-1 / count) and the backward multiplies by the upstream gradient (see `basis_cross_entropy`). Two implementations share this file's autograd Function:
+1 / count) and the backward multiplies by the upstream gradient (see `basis_cross_entropy`).
+Two implementations share this file's autograd Function:
   "triton"  basis_cross_entropy_triton.py: forward = an online-lse kernel + a per-token finalize kernel; backward =
             per token chunk a gradient kernel writing dloss/dl transposed (V, Tc), then the decode backward's
             deterministic segment sum. CUDA.
@@ -282,14 +283,10 @@ def basis_cross_entropy(
 
     if centroids.dtype != hidden.dtype:
         centroids = centroids.to(hidden.dtype)
-    # Gradients in the forward (as Liger's fused linear cross-entropy does) for a scalar loss that will need them.
-    # Not for fp16: there the backward's upstream gradient (often a loss scale) must multiply before the rounding.
-    grads_in_forward = (
-        reduction != "none"
-        and hidden.dtype != torch.float16
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (hidden, centroids, bias))
-    )
+    # Gradients in the forward (as Liger's fused linear cross-entropy does) for a scalar loss under grad mode (the
+    # Function adds: and some input needs a gradient). Not for fp16: there the backward's upstream gradient (often a
+    # loss scale) must multiply before the rounding.
+    grads_in_forward = reduction != "none" and hidden.dtype != torch.float16 and torch.is_grad_enabled()
     lead = labels.shape
     loss = BasisCrossEntropyFunction.apply(
         hidden.reshape(-1, B * d), centroids, codes, bias, labels.reshape(-1), int(ignore_index), reduction,
