@@ -135,6 +135,46 @@ def test_lazy_logits_materialise_correctly():
     assert model.get_output_embeddings().codebook.centroids.grad is not None
 
 
+def test_dtype_cast_stays_lazy():
+    """`.float()` / `.to(dtype)` only change the dtype the logits report; other conversions materialise."""
+    model = _model("llama").to(torch.bfloat16)
+    ids, labels = _batch()
+    logits = model(input_ids=ids, labels=labels).logits
+    assert isinstance(logits, LazyLogits) and logits.dtype == torch.bfloat16
+    up = logits.float()
+    assert isinstance(up, LazyLogits) and up.dtype == torch.float32 and up.fusable
+    assert logits.to(dtype=torch.bfloat16) is logits
+    back = up.to(torch.float16)
+    assert isinstance(back, LazyLogits) and back.dtype == torch.float16
+    assert logits._value is None and up._value is None and back._value is None  # nothing computed yet
+    real = logits.materialize()
+    assert real.dtype == torch.bfloat16
+    assert torch.equal(up.materialize(), real.float())  # computed in the head's dtype, then cast, like .float()
+    assert torch.equal(back.materialize(), real.to(torch.float16))
+    ints = model(input_ids=ids, labels=labels).logits.to(torch.int32)  # not a floating dtype: a real tensor
+    assert type(ints) is torch.Tensor and ints.dtype == torch.int32
+
+
+def test_trainer_mixed_precision_never_builds_logits(tmp_path, monkeypatch):
+    """Trainer bf16=True: accelerate upcasts the outputs with `.float()` after the loss; the logits stay unbuilt."""
+    built = []
+    materialize = LazyLogits.materialize
+    monkeypatch.setattr(LazyLogits, "materialize", lambda self: built.append(self.shape) or materialize(self))
+    model = _model("llama").to(torch.bfloat16)
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out))  # sees the wrapped forward's output
+    ids, labels = _batch(batch=4)
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, bf16=True,
+        report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert len(outputs) == 2 and all(isinstance(out.logits, LazyLogits) for out in outputs)
+    assert all(out.logits.dtype == torch.float32 for out in outputs)  # the upcast happened, lazily
+    assert built == []
+
+
 def test_train_20_steps_gpt2_matches_unfused():
     torch.manual_seed(0)
     fused = _model("gpt2")
