@@ -1,14 +1,19 @@
 """End-to-end training throughput: a 12-layer H=768 Llama-style LM with V=128,256, dense head vs 8 x 384 basis head.
 
-The setting of measured_anchors.md "End to end": untied embeddings, bf16 weights, AdamW, batch 8 x 2048 tokens, a
-plain PyTorch loop (forward with labels -> loss -> backward -> step -> zero_grad), SDPA attention, random tokens.
+Untied embeddings, AdamW, batch 8 x 2048 random tokens, SDPA attention, in three loops (`--loops`):
+  plain         measured_anchors.md's "End to end" setting: bf16 weights, a plain PyTorch loop (forward with labels ->
+                loss -> backward -> torch.optim.AdamW step -> zero_grad)
+  trainer       the same bf16 model trained by transformers.Trainer with `bf16=True` and its defaults (fused AdamW,
+                gradient clipping at 1.0, linear schedule): what `recipes/` users run on a bf16 checkpoint
+  trainer_fp32  Trainer `bf16=True` on fp32 weights: autocast mixed precision with fp32 master weights
   dense        nn.Linear head, transformers' default loss (F.cross_entropy on fp32-upcast logits)
   dense_liger  same, Liger's fused linear CE patched in (if liger-kernel imports)
   basis        the head replaced by a BasisLinear (8 x 384, random codes) with hf_basis' fused loss installed,
                as hf_basis.convert does: training calls never build the logits (the issue's comparison: head only)
   basis_in_out the same, and the input embedding a BasisEmbedding (8 x 384) too: what hf_basis.convert does by
                default (an extra row; not the head-only comparison)
-Reports tokens/s over the timed steps (CUDA events), ms per step and the peak allocated memory (GiB) of the run.
+Reports tokens/s over the timed steps (plain: CUDA events; Trainer: wall time between synchronised callbacks, so its
+host-side work counts), ms per step and the peak allocated memory (GiB) over the timed steps.
 
     PYTHONPATH=. python benchmarks/benchmark_train_throughput.py     # -> benchmarks/results/train_throughput_<gpu>.json
 """
@@ -40,7 +45,7 @@ def with_random_codes(module: torch.nn.Module, clusters: int) -> torch.nn.Module
     return module
 
 
-def build(head: str, args) -> torch.nn.Module:
+def build(head: str, args, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
     cfg = transformers.LlamaConfig(
@@ -51,14 +56,13 @@ def build(head: str, args) -> torch.nn.Module:
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
-    model.to(torch.bfloat16)
+    model.to(dtype)
     if head in ("basis", "basis_in_out"):
-        new = BasisLinear(768, args.vocab, args.num_basis, args.clusters, bias=False, device="cuda",
-                          dtype=torch.bfloat16)
+        new = BasisLinear(768, args.vocab, args.num_basis, args.clusters, bias=False, device="cuda", dtype=dtype)
         model.set_output_embeddings(with_random_codes(new, args.clusters))
         assert install_fused_loss(model)
         if head == "basis_in_out":
-            emb = BasisEmbedding(args.vocab, 768, args.num_basis, args.clusters, device="cuda", dtype=torch.bfloat16)
+            emb = BasisEmbedding(args.vocab, 768, args.num_basis, args.clusters, device="cuda", dtype=dtype)
             model.set_input_embeddings(with_random_codes(emb, args.clusters))
     elif head == "dense_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -68,12 +72,18 @@ def build(head: str, args) -> torch.nn.Module:
     return model.train()
 
 
-def run(head: str, args) -> dict:
-    model = build(head, args)
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+LOOPS = {"plain": torch.bfloat16, "trainer": torch.bfloat16, "trainer_fp32": torch.float32}  # loop -> weight dtype
+
+
+def random_batches(args) -> list[torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=g) for _ in range(4)]
+    return [torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=g) for _ in range(4)]
+
+
+def time_plain_loop(model: torch.nn.Module, args) -> tuple[float, float]:
+    """ms per step (CUDA events over args.steps steps after args.warmup) and the last step's loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = random_batches(args)
 
     def step(i):
         ids = batches[i % len(batches)]
@@ -93,12 +103,52 @@ def run(head: str, args) -> dict:
         loss = step(i)
     end.record()
     torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / args.steps
+    return start.elapsed_time(end) / args.steps, loss.item()
+
+
+def time_trainer(model: torch.nn.Module, args) -> tuple[float, float]:
+    """ms per step of transformers.Trainer (bf16=True, its default optimizer and clipping) and its mean train loss.
+
+    Timed by wall clock between the end of step args.warmup and the end of the last step, each after a
+    synchronize: the Trainer's own host work (data loading, clipping, scheduler) is part of a training step.
+    """
+    import tempfile
+
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_end(self, train_args, state, control, **kwargs):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
+                if state.global_step == args.warmup:
+                    torch.cuda.reset_peak_memory_stats()
+                    self.start = time.perf_counter()
+                else:
+                    self.ms = (time.perf_counter() - self.start) * 1e3 / args.steps
+
+    rows = [{"input_ids": ids, "labels": ids} for batch in random_batches(args) for ids in batch.cpu()]
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        train_args = transformers.TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+            learning_rate=1e-4, bf16=True, report_to="none", save_strategy="no", logging_strategy="no",
+            disable_tqdm=True, seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=train_args, train_dataset=rows, callbacks=[timer])
+        loss = trainer.train().training_loss
+        del trainer
+    return timer.ms, loss
+
+
+def run(head: str, loop: str, args) -> dict:
+    model = build(head, args, LOOPS[loop])
+    params = sum(p.numel() for p in model.parameters())
+    ms, loss = (time_plain_loop if loop == "plain" else time_trainer)(model, args)
     result = {
-        "head": head, "params": params, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / GiB, "final_loss": loss.item(),
+        "loop": loop, "head": head, "params": params, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / GiB, "loss": loss,
     }
-    del model, opt, batches
+    del model
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -107,6 +157,7 @@ def run(head: str, args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", default="dense,dense_liger,basis,basis_in_out")
+    p.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, of {list(LOOPS)}")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
@@ -121,27 +172,32 @@ def main():
         from benchmarks.benchmark_basis_ce import apply_ce_config
 
         apply_ce_config(json.loads(Path(args.ce_config).read_text())["tuned"])
+    loops = args.loops.split(",")
+    if unknown := [loop for loop in loops if loop not in LOOPS]:
+        p.error(f"--loops: unknown {unknown}; allowed: {list(LOOPS)}")
     name = torch.cuda.get_device_name()
     results = []
-    for head in args.heads.split(","):
-        try:
-            r = run(head, args)
-        except Exception as e:  # noqa: BLE001 - e.g. liger-kernel missing
-            r = {"head": head, "error": f"{type(e).__name__}: {e}"[:300]}
-            gc.collect()
-            torch.cuda.empty_cache()
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    dense = next((r for r in results if r["head"] == "dense" and "tokens_per_s" in r), None)
-    lines = [f"device: {name}; Llama 12 x 768, V={args.vocab}, batch {args.batch} x {args.seq}, bf16, AdamW",
-             f"{'head':>12} | {'tokens/s':>10} | {'step ms':>8} | {'peak GiB':>8} | vs dense"]
+    for loop in loops:
+        for head in args.heads.split(","):
+            try:
+                r = run(head, loop, args)
+            except Exception as e:  # noqa: BLE001 - e.g. liger-kernel missing
+                r = {"loop": loop, "head": head, "error": f"{type(e).__name__}: {e}"[:300]}
+                gc.collect()
+                torch.cuda.empty_cache()
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    lines = [f"device: {name}; Llama 12 x 768, V={args.vocab}, batch {args.batch} x {args.seq}, AdamW",
+             f"{'loop':>12} | {'head':>12} | {'tokens/s':>10} | {'step ms':>8} | {'peak GiB':>8} | vs dense"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['head']:>12} | failed: {r['error']}")
+            lines.append(f"{r['loop']:>12} | {r['head']:>12} | failed: {r['error']}")
             continue
+        dense = next((d for d in results if d["loop"] == r["loop"] and d["head"] == "dense" and "tokens_per_s" in d),
+                     None)
         ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
-        lines.append(f"{r['head']:>12} | {r['tokens_per_s']:10.0f} | {r['step_ms']:8.1f} | {r['peak_gib']:8.2f} | "
-                     f"{ratio}")
+        lines.append(f"{r['loop']:>12} | {r['head']:>12} | {r['tokens_per_s']:10.0f} | {r['step_ms']:8.1f} | "
+                     f"{r['peak_gib']:8.2f} | {ratio}")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out) if args.out else result_path("train_throughput", "cuda")
