@@ -7,7 +7,8 @@ Methods (bf16, no bias, random data; labels uniform over the vocabulary):
            (`torch.autograd.set_multithreading_enabled(False)`): on the benchmark host, handing the backward to
            autograd's CUDA worker thread costs ~0.4 ms per call (a trivial custom Function's fwd+bwd: 369 us)
   basis_graph  the basis call captured once in a CUDA graph and replayed: its GPU time alone, without the host's
-           Python / Triton launch overhead (which sets the pace of small calls on a slow host CPU); no memory column
+           Python / Triton launch overhead (which sets the pace of small calls on a slow host CPU); no memory column.
+           Under capture the op keeps its two-pass path (the one-pass path's overflow check syncs with the host)
   dense   PyTorch: F.linear, upcast to fp32, F.cross_entropy (what transformers' ForCausalLMLoss does)
   liger   Liger-Kernel LigerFusedLinearCrossEntropyLoss (liger-kernel 0.8.5)
   cce     Apple Cut Cross-Entropy linear_cross_entropy (cut-cross-entropy 25.1.1, default impl "cce")

@@ -25,7 +25,8 @@ their gradients; grad_bias is the sum over tokens). For a scalar loss this runs 
 Two implementations share this file's autograd Function:
   "triton"  basis_cross_entropy_triton.py: forward = an online-lse kernel + a per-token finalize kernel; backward =
             per token chunk a gradient kernel writing dloss/dl transposed (V, Tc), then the decode backward's
-            deterministic segment sum. CUDA.
+            deterministic segment sum. CUDA. A large scalar loss whose gradients the forward computes and whose bias
+            needs none takes one gather pass instead of these two (`_one_pass`, forward_stats_one_pass_triton).
   "torch"   the PyTorch reference below, same contract (forward_stats_reference / ce_grad_reference): builds one
             chunk's (Tc, V) fp32 logits at a time. The CPU path and the tests' oracle.
 Both paths use the same two-step contract: forward -> stats (4, T) [lse, 1 + 2 z lse, 1 - eps, eps / V; 0 where a
@@ -162,6 +163,15 @@ def _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale,
     return grad_hidden, grad_centroids, grad_bias
 
 
+def _one_pass(P, codes, need_bias, softcap, label_smoothing) -> bool:
+    """Whether loss and gradients come from one gather pass (forward_stats_one_pass_triton) rather than two."""
+    from hf_basis.ops.basis_cross_entropy_triton import ONE_PASS_MIN_LOGITS
+
+    return (P.shape[2] * codes.shape[0] >= ONE_PASS_MIN_LOGITS and P.dtype in (torch.float32, torch.bfloat16)
+            and not need_bias and not (softcap and label_smoothing)
+            and not (P.is_cuda and torch.cuda.is_current_stream_capturing()))  # its overflow check syncs
+
+
 class BasisCrossEntropyFunction(torch.autograd.Function):
     """hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B), bias (V,) or None, labels (T,) -> loss.
 
@@ -176,18 +186,32 @@ class BasisCrossEntropyFunction(torch.autograd.Function):
                 softcap, impl, chunk, grads_in_forward):
         forward_fn, _ = _kernels(impl)
         P = centroid_scores(hidden, centroids).contiguous()  # (B, K, T)
-        kwargs = {"chunk": chunk} if impl == "torch" else {}
-        stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and bias is not None))
+        ctx.grads_in_forward = grads_in_forward and any(needs)
+        exp_sums = None
+        if ctx.grads_in_forward and impl == "triton" and _one_pass(P, codes, needs[2], softcap, label_smoothing):
+            from hf_basis.ops.basis_cross_entropy_triton import forward_stats_one_pass_triton
+
+            stats, out, exp_sums = forward_stats_one_pass_triton(P, codes, bias, labels, ignore_index,
+                                                                 label_smoothing, z_loss, softcap, chunk)
+        else:
+            kwargs = {"chunk": chunk} if impl == "torch" else {}
+            stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
         sums = out.sum(dim=1)  # loss sum, number of counted tokens, number of out-of-range labels
         torch._assert_async(sums[2] == 0, "basis_cross_entropy: a label is out of range [0, vocab)")
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and bias is not None))
         # "mean" with no counted token: the coefficients are all 0, keep the scale finite
         count = sums[1].clamp_min(1.0).reshape(1) if reduction == "mean" else None
-        ctx.grads_in_forward = grads_in_forward and any(needs)
         if ctx.grads_in_forward:
             scale = 1.0 / count if count is not None else torch.ones(1, device=P.device)
-            ctx.save_for_backward(*_input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale,
-                                                softcap, impl, chunk))
+            if exp_sums is not None:
+                from hf_basis.ops.basis_cross_entropy_triton import grad_from_sums_triton
+
+                grad_P = grad_from_sums_triton(exp_sums, codes, labels, stats, scale)
+                grads = (*centroid_scores_backward(grad_P, hidden, centroids, *needs[:2]), None)
+            else:
+                grads = _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale, softcap, impl,
+                                     chunk)
+            ctx.save_for_backward(*grads)
         else:
             ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, count)
             ctx.options = (needs, reduction, softcap, impl, chunk)

@@ -23,6 +23,12 @@ A logit is l[t, w] = bias[w] + sum_b P[b, code[w, b], t], optionally soft-capped
                                  backward's `_segment_sum_kernel` over its cached CSR of the codes (reused, not copied;
                                  deterministic, no atomics), launched right after each chunk's gradient so Gt is read
                                  back from L2.
+    one pass `_ce_exp_kernel`    for a scalar loss whose gradients the forward computes (large calls, no bias
+                                 gradient): per token chunk, Gt = exp(l' - shift[t]) with a per-token shift fixed
+                                 beforehand, plus the per-split sums of exp(l' - shift) that give lse; the segment sum
+                                 folds Gt as above, and `_grad_from_sums_kernel` turns those (B, K, T) sums into grad_P
+                                 once lse is known. One gather pass over the logits instead of two (see
+                                 `forward_stats_one_pass_triton`).
 
 No T x V tensor is ever built: the largest temporary is Gt, V x Tc in P's dtype (Tc from `chunk_tokens`).
 Measured on an H100 (benchmarks/benchmark_basis_ce.py --breakdown): the gathers are bound by the L1/LSU work per
@@ -34,6 +40,7 @@ L2 bandwidth (B * V * T * 2 bytes read, 4-6 TB/s).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -41,7 +48,10 @@ import triton.language as tl
 
 from hf_basis.ops.basis_decode_triton import _segment_sum_kernel, codes_csr
 
-__all__ = ["lse_triton", "forward_stats_triton", "ce_grad_triton", "chunk_tokens", "SEGMENT_BLOCK_T"]
+__all__ = [
+    "lse_triton", "forward_stats_triton", "ce_grad_triton", "forward_stats_one_pass_triton", "grad_from_sums_triton",
+    "ExpSums", "ONE_PASS_MIN_LOGITS", "chunk_tokens", "SEGMENT_BLOCK_T",
+]
 
 _NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
@@ -139,6 +149,7 @@ def _finalize_kernel(
     sum_part,  # (S, T) fp32 or dummy
     stats,  # (4, T) fp32 out: lse, cp, cy, cu
     out,  # (3, T) fp32 out: loss (0 where ignored), valid (0/1), bad label (0/1)
+    ycoef,  # (T,) fp32 out (STORE_YCOEF): the label word's dloss/dl' without the upstream gradient, or dummy
     V,
     T,
     K,
@@ -151,6 +162,7 @@ def _finalize_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WITH_SUM: tl.constexpr,
+    STORE_YCOEF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -180,8 +192,10 @@ def _finalize_kernel(
         p_base += K * T
     if HAS_BIAS:
         target += tl.load(bias + yy, mask=mask, other=0.0).to(tl.float32)
+    th_y = target
     if HAS_SOFTCAP:
-        target = softcap * _tanh(target / softcap)
+        th_y = _tanh(target / softcap)
+        target = softcap * th_y
     loss = lse - target
     if WITH_SUM:
         loss = (1.0 - eps) * loss + eps * (lse - total / V)
@@ -194,6 +208,11 @@ def _finalize_kernel(
     tl.store(out + offs, tl.where(ok, loss, 0.0), mask=mask)
     tl.store(out + T + offs, okf, mask=mask)
     tl.store(out + 2 * T + offs, bad.to(tl.float32), mask=mask)
+    if STORE_YCOEF:
+        coef = okf * ((1.0 + 2.0 * z_loss * lse) * tl.exp(target - lse) - (1.0 - eps))
+        if HAS_SOFTCAP:
+            coef *= 1.0 - th_y * th_y
+        tl.store(ycoef + offs, coef, mask=mask)
 
 
 @triton.jit
@@ -254,6 +273,109 @@ def _ce_grad_kernel(
         tl.store(gbias + offs_v, gb, mask=mask_v)
 
 
+@triton.jit
+def _ce_exp_kernel(
+    P,  # (B, K, T) contiguous
+    codes,  # (V, B) contiguous integer
+    bias,  # (V,) or dummy
+    shift,  # (T,) fp32 per-token shift m
+    labels,  # (T,) integer
+    Gt,  # (V, Tc) output, row stride stride_g, P's dtype
+    s_part,  # (S, Tc) fp32 out, row stride stride_g: per split, sum over its words of exp(l' - m)
+    sum_part,  # (S, Tc) fp32 out: per split, sum over its words of l' (WITH_SUM), or dummy
+    V,
+    T,
+    t_start,
+    n_tok,
+    v_per_split,
+    stride_g,
+    stride_pb,
+    softcap,
+    NUM_BASIS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_SUM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # Walks the words of its split like _lse_kernel, for a token block of the chunk [t_start, t_start + n_tok): the
+    # sums stay per (word slot, token) in registers and are reduced once at the end.
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_l = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # position inside the chunk
+    mask_t = offs_l < n_tok
+    offs_t = t_start + offs_l  # token index
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    local_v = tl.arange(0, BLOCK_V)
+    m = tl.load(shift + offs_t, mask=mask_t, other=0.0)
+    y = tl.load(labels + offs_t, mask=mask_t, other=-1)
+    s2 = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    total = tl.zeros([BLOCK_V, BLOCK_T], dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + local_v
+        mask_v = offs_v < v_end
+        mask = mask_v[:, None] & mask_t[None, :]
+        logits, th = _gather_logits(P, codes, bias, offs_v, offs_t, mask, mask_v, stride_pb, T, softcap,
+                                    NUM_BASIS, HAS_BIAS, HAS_SOFTCAP, BLOCK_V, BLOCK_T)
+        e = tl.where(mask, tl.exp(logits - m[None, :]), 0.0)
+        s2 += e
+        if WITH_SUM:
+            total += tl.where(mask, logits, 0.0)
+        e = tl.where(offs_v[:, None] == y[None, :], 0.0, e)  # the label word's gradient is added exactly later
+        if HAS_SOFTCAP:
+            e *= 1.0 - th * th
+        tl.store(Gt + offs_v.to(tl.int64)[:, None] * stride_g + offs_l[None, :], e.to(Gt.dtype.element_ty), mask=mask)
+    tl.store(s_part + split * stride_g + offs_l, tl.sum(s2, axis=0), mask=mask_t)
+    if WITH_SUM:
+        tl.store(sum_part + split * stride_g + offs_l, tl.sum(total, axis=0), mask=mask_t)
+
+
+@triton.jit
+def _grad_from_sums_kernel(
+    G,  # (B, K, >= T) in: segment sums of the exp kernel's output; out: grad_P. (b, k) rows stride_g apart
+    codes,  # (V, B) contiguous integer
+    labels,  # (T,) integer
+    stats,  # (4, T) fp32: lse, cp, cy, cu
+    shift,  # (T,) fp32
+    ycoef,  # (T,) fp32: the label word's dloss/dl' without the upstream gradient (0 where not counted)
+    scale,  # upstream gradient per token: scale[t * scale_stride]
+    seg_offsets,  # (B*K + 1,) int32: segment (b, k) holds seg_offsets[b*K+k+1] - seg_offsets[b*K+k] words
+    V,
+    T,
+    K,
+    stride_g,
+    scale_stride,
+    NUM_BASIS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    sc = tl.load(scale + offs_t * scale_stride, mask=mask_t, other=0.0)
+    lse = tl.load(stats + offs_t, mask=mask_t, other=0.0)
+    cp = tl.load(stats + T + offs_t, mask=mask_t, other=0.0)
+    cu = tl.load(stats + 3 * T + offs_t, mask=mask_t, other=0.0)
+    alpha = sc * cp * tl.exp(tl.load(shift + offs_t, mask=mask_t, other=0.0) - lse)  # softmax = alpha * exp(l' - m)
+    lam = sc * tl.load(ycoef + offs_t, mask=mask_t, other=0.0)
+    y = tl.load(labels + offs_t, mask=mask_t, other=0)
+    y = tl.where((y >= 0) & (y < V), y, 0).to(tl.int64)  # lam = 0 wherever the label is not a word
+    code_y = tl.load(codes + y * NUM_BASIS + b, mask=mask_t, other=0).to(tl.int32)
+    seg = b * K + offs_k
+    count = (tl.load(seg_offsets + seg + 1, mask=mask_k, other=0) - tl.load(seg_offsets + seg, mask=mask_k, other=0))
+    ptrs = G + seg.to(tl.int64)[:, None] * stride_g + offs_t[None, :]
+    mask = mask_k[:, None] & mask_t[None, :]
+    g = alpha[None, :] * tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    g -= (sc * cu)[None, :] * count.to(tl.float32)[:, None]
+    g += tl.where(offs_k[:, None] == code_y[None, :], lam[None, :], 0.0)
+    tl.store(ptrs, g.to(G.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Configs: fixed heuristics by shape, kept apart from the kernels. Override through the launchers' `config=`.
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,6 +426,14 @@ def _lse_config(T: int, V: int, p_bytes: int, device: torch.device) -> dict:
         block_t, block_v, warps, per_sm = 64, 32, 2, 8
     splits = _splits(triton.cdiv(T, block_t), V, block_v, per_sm, device)
     return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": warps, "num_stages": 1}
+
+
+def _exp_config(Tc: int, V: int, device: torch.device) -> dict:
+    """Block sizes of `_ce_exp_kernel` (H100, bf16, 8 x 384, fwd+bwd of the one-pass loss; T, H, V = 16384, 768,
+    128256 / 8192, 4096, 128256): 64 tokens x 64 words, 4 warps, 4 programs/SM: 12.9 / 7.8 ms (64 x 32 x 2 warps x 8:
+    13.9 / 8.0; 128 x 32: 13.8 / 8.5; 32 x 256 x 8 warps: 16.9 / 10.4)."""
+    splits = _splits(triton.cdiv(Tc, 64), V, 64, 4, device)
+    return {"BLOCK_T": 64, "BLOCK_V": 64, "splits": splits, "num_warps": 4, "num_stages": 1}
 
 
 def _grad_config(Tc: int, V: int) -> dict:
@@ -365,21 +495,42 @@ def forward_stats_triton(P, codes, bias, labels, ignore_index=-100, label_smooth
     Two launches (`_lse_kernel`, `_finalize_kernel`); see the module docstring for the definitions.
     """
     codes = codes.contiguous()
-    B, K, T = P.shape
-    V = codes.shape[0]
     with_sum = label_smoothing > 0
     m, s, total = lse_partials_triton(P, codes, bias, softcap, with_sum, config)
+    return _finalize(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, m, s, total)
+
+
+def _finalize(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, m, s, total, ycoef=None):
+    """`_finalize_kernel` over log-sum-exp partials m, s, total (S, T) -> stats (4, T), out (3, T); fills ycoef."""
+    B, K, T = P.shape
+    V = codes.shape[0]
+    with_sum = total is not None
     stats = torch.empty((4, T), device=P.device, dtype=torch.float32)
     out = torch.empty((3, T), device=P.device, dtype=torch.float32)
     if T > 0:
         block = 256
         _finalize_kernel[(triton.cdiv(T, block),)](
             P, codes, bias if bias is not None else P, labels, m, s, total if with_sum else m, stats, out,
-            V, T, K, m.shape[0], int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 1.0),
-            NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum,
-            BLOCK=block, num_warps=4,
+            ycoef if ycoef is not None else stats, V, T, K, m.shape[0], int(ignore_index), float(label_smoothing),
+            float(z_loss), float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum, STORE_YCOEF=ycoef is not None, BLOCK=block,
+            num_warps=4,
         )
     return stats, out
+
+
+def _chunk_buffers(P: torch.Tensor, V: int, chunk: int | None):
+    """Token chunking of the gradient passes: Tc, the number of chunks, grad_P padded to whole chunks (each chunk's
+    segment sums land in its columns; the padding is sliced off, no copy) and the (V, Tc) buffer Gt (None if T = 0)."""
+    B, K, T = P.shape
+    Tc = chunk or chunk_tokens(T, V, P.element_size())
+    Tc = triton.cdiv(Tc, SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T if Tc >= SEGMENT_BLOCK_T else Tc
+    n_chunks = triton.cdiv(T, Tc) if T > 0 else 0
+    gP = torch.empty((B, K, n_chunks * Tc), device=P.device, dtype=P.dtype)
+    Gt = torch.empty((V, Tc), device=P.device, dtype=P.dtype) if n_chunks else None
+    if n_chunks == 1 and T < Tc:
+        Gt[:, T:].zero_()  # padding columns are dropped, but keep uninitialised NaNs out of the segment sums
+    return Tc, n_chunks, gP, Gt
 
 
 def ce_grad_triton(
@@ -406,19 +557,12 @@ def ce_grad_triton(
     B, K, T = P.shape
     V = codes.shape[0]
     dev = P.device
-    Tc = chunk or chunk_tokens(T, V, P.element_size())
-    Tc = triton.cdiv(Tc, SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T if Tc >= SEGMENT_BLOCK_T else Tc
-    n_chunks = triton.cdiv(T, Tc) if T > 0 else 0
+    Tc, n_chunks, gP, Gt = _chunk_buffers(P, V, chunk)
     gcfg = dict((config or {}).get("grad") or _grad_config(Tc, V))
     scfg = dict((config or {}).get("segment") or _segment_config(Tc))
     gbias = torch.zeros(V, device=dev, dtype=torch.float32) if need_bias_grad else None
-    # grad_P padded to whole chunks; each chunk's segment sums land in its columns (the padding is sliced off: no copy)
-    gP = torch.empty((B, K, n_chunks * Tc), device=dev, dtype=P.dtype)
     if n_chunks:
         words, seg_offsets = codes_csr(codes, K)
-        Gt = torch.empty((V, Tc), device=dev, dtype=P.dtype)
-        if n_chunks == 1 and T < Tc:
-            Gt[:, T:].zero_()  # padding columns are dropped, but keep uninitialised NaNs out of the segment sums
         grid_g = (triton.cdiv(V, gcfg["BLOCK_V"]),)
         grid_s = (B * K, triton.cdiv(Tc, scfg["BLOCK_T"]))
         scale_stride = 1 if scale.numel() > 1 else 0
@@ -433,3 +577,113 @@ def ce_grad_triton(
             _segment_sum_kernel[grid_s](Gt, words, seg_offsets, gP[:, :, t0:], Tc, gP.stride(1), **scfg)
     grad_P = gP[:, :, :T]
     return grad_P, gbias
+
+
+# The one-pass path pays one host sync (its overflow check) and a few more launches for one fewer gather pass: a gain
+# from about this many logits per call (H100: T, V = 8192, 128256 -> 0.91x the two-pass time, 16384, 128256 -> 0.78x;
+# at 2048, 50000 the sync exposes the host's launch time: 1.9 vs 1.1 ms).
+ONE_PASS_MIN_LOGITS = 2**28
+# The one-pass path's per-token shift: the largest logit among the first _SHIFT_SAMPLE_WORDS words plus
+# _SHIFT_MARGIN. With s <= max logit, shift - max <= 20: every word within 60 nats of the max keeps a normal
+# exp(l - shift) >= e^-80 (fp32 and bf16 share the exponent range) and the rest are < e^-60 of the softmax. Only a
+# max more than ~97 nats above the sample overflows the fp32 sum (exp(88.7) / V); that is detected and recomputed.
+_SHIFT_SAMPLE_WORDS = 2048
+_SHIFT_MARGIN = 20.0
+
+
+class ExpSums(NamedTuple):
+    """What the one-pass forward leaves for `grad_from_sums_triton`."""
+
+    sums: torch.Tensor  # (B, K, T) view of a padded buffer: per segment, sum of exp(l' - shift) without label words
+    shift: torch.Tensor  # (T,) fp32
+    ycoef: torch.Tensor  # (T,) fp32 label word's dloss/dl' for an upstream gradient of 1
+
+
+def forward_stats_one_pass_triton(
+    P: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk: int | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, ExpSums | None]:
+    """`forward_stats_triton`'s stats and out plus, from the same gathers, the segment sums the gradient needs.
+
+    One gather pass over the logits instead of two (log-sum-exp, then gradient): per token chunk `_ce_exp_kernel`
+    writes Gt[w, t] = exp(l' - shift[t]) (times 1 - tanh^2 when soft-capped; 0 at the label word) with per-program
+    sums of exp(l' - shift) for the log-sum-exp, and the segment sum folds Gt into per-(b, k) sums. The softmax is
+    exp(lse - shift) times those, so `grad_from_sums_triton` finishes grad_P on the (B, K, T) sums once lse is known:
+        grad_P[b, k, t] = s cp exp(shift - lse) sums[b, k, t] - s cu |{w: code[w, b] = k}| + [k = code[y, b]] s ycoef
+    Not for label smoothing with soft-capping (the eps / V term then needs the per-word tanh factor) nor for a bias
+    gradient (a per-word sum over tokens of the softmax): the caller uses the two-pass path there.
+    If a shift overflowed (logits ~100 nats above every sampled word), this syncs once to find out, recomputes stats
+    by the two-pass forward and returns None for the sums.
+    """
+    _check(P, codes)
+    if P.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the one-pass forward needs fp32 or bf16 scores (exp range), got {P.dtype}")
+    if softcap is not None and label_smoothing > 0:
+        raise ValueError("the one-pass forward does not combine label smoothing with soft-capping")
+    codes = codes.contiguous()
+    B, K, T = P.shape
+    V = codes.shape[0]
+    dev = P.device
+    with_sum = label_smoothing > 0
+    n = min(V, _SHIFT_SAMPLE_WORDS)
+    m_sample, _, _ = lse_partials_triton(P, codes[:n], None if bias is None else bias[:n], softcap)
+    shift = m_sample.amax(dim=0) + _SHIFT_MARGIN
+    s = torch.empty(T, device=dev, dtype=torch.float32)
+    total = torch.empty(T, device=dev, dtype=torch.float32) if with_sum else None
+    Tc, n_chunks, gP, Gt = _chunk_buffers(P, V, chunk)
+    ecfg = dict((config or {}).get("exp") or _exp_config(Tc, V, dev))
+    splits = ecfg.pop("splits")
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), ecfg["BLOCK_V"]) * ecfg["BLOCK_V"]
+    splits = triton.cdiv(V, v_per_split)
+    scfg = dict((config or {}).get("segment") or _segment_config(Tc))
+    if n_chunks:
+        words, seg_offsets = codes_csr(codes, K)
+        s_part = torch.empty((splits, Tc), device=dev, dtype=torch.float32)
+        sum_part = torch.empty_like(s_part) if with_sum else s_part
+        grid_s = (B * K, triton.cdiv(Tc, scfg["BLOCK_T"]))
+        for i in range(n_chunks):
+            t0 = i * Tc
+            nt = min(Tc, T - t0)
+            _ce_exp_kernel[(triton.cdiv(nt, ecfg["BLOCK_T"]), splits)](
+                P, codes, bias if bias is not None else P, shift, labels, Gt, s_part, sum_part, V, T, t0, nt,
+                v_per_split, Tc, P.stride(0), float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum, **ecfg,
+            )
+            _segment_sum_kernel[grid_s](Gt, words, seg_offsets, gP[:, :, t0:], Tc, gP.stride(1), **scfg)
+            torch.sum(s_part[:, :nt], dim=0, out=s[t0:t0 + nt])
+            if with_sum:
+                torch.sum(sum_part[:, :nt], dim=0, out=total[t0:t0 + nt])
+    ycoef = torch.empty(T, device=dev, dtype=torch.float32)
+    stats, out = _finalize(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, shift[None],
+                           s[None], None if total is None else total[None], ycoef)
+    if not bool(torch.isfinite(stats[0]).all()):  # the one sync: a shift overflowed somewhere
+        return (*forward_stats_triton(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap), None)
+    return stats, out, ExpSums(gP[:, :, :T], shift, ycoef)
+
+
+def grad_from_sums_triton(
+    exp_sums: ExpSums, codes: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """grad_P (B, K, T) in P's dtype from the one-pass forward's sums, in place of them (see its docstring).
+
+    scale: (T,) or (1,) fp32 upstream gradient per token with the reduction folded in.
+    """
+    G = exp_sums.sums
+    B, K, T = G.shape
+    codes = codes.contiguous()
+    if T > 0:
+        _, seg_offsets = codes_csr(codes, K)
+        block_k, block_t = 64, 64
+        _grad_from_sums_kernel[(triton.cdiv(T, block_t), triton.cdiv(K, block_k), B)](
+            G, codes, labels, stats, exp_sums.shift, exp_sums.ycoef, scale, seg_offsets, codes.shape[0], T, K,
+            G.stride(1), 1 if scale.numel() > 1 else 0, NUM_BASIS=B, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=4,
+        )
+    return G

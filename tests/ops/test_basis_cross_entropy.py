@@ -70,15 +70,18 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _check(impl, reduction, eps, z, cap, bias, dtype=torch.float32, tol=1e-5, chunk=None, **shape):
+def _check(impl, reduction, eps, z, cap, bias, dtype=torch.float32, tol=1e-5, chunk=None, train_bias=True, **shape):
     x, C, codes, b, y = _problem(dtype=dtype, bias=bias, **shape)
     # upstream gradient: per token for "none", a scalar != 1 otherwise (the backward must scale by it)
     weight = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if reduction == "none" else 0.37
-    ref, ref_g = _grads(lambda x_, C_, b_: _dense_loss(x_, C_, codes, b_, y, reduction, eps, z, cap),
-                        [t.double() if t is not None else None for t in (x, C, b)], weight)
-    out, g = _grads(lambda x_, C_, b_: basis_cross_entropy(x_, C_, codes, b_, y, reduction=reduction,
-                                                           label_smoothing=eps, z_loss=z, softcap=cap, impl=impl,
-                                                           chunk_tokens=chunk), [x, C, b], weight)
+    frozen = None if train_bias or b is None else b  # a bias that needs no gradient: a constant of both sides
+    ref, ref_g = _grads(lambda x_, C_, b_: _dense_loss(x_, C_, codes, b_ if frozen is None else frozen.double(), y,
+                                                       reduction, eps, z, cap),
+                        [t.double() if t is not None else None for t in (x, C, b if frozen is None else None)], weight)
+    out, g = _grads(lambda x_, C_, b_: basis_cross_entropy(x_, C_, codes, b_ if frozen is None else frozen, y,
+                                                           reduction=reduction, label_smoothing=eps, z_loss=z,
+                                                           softcap=cap, impl=impl, chunk_tokens=chunk),
+                    [x, C, b if frozen is None else None], weight)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert _rel(out, ref) < tol, (out, ref)
     for name, a, r in zip(["hidden", "centroids", "bias"], g, ref_g):
@@ -179,9 +182,91 @@ def test_triton_stages_against_reference():
             assert gP.shape == gP_r.shape and _rel(gP, gP_r) < 1e-5 and _rel(gb, gb_r) < 1e-5
 
 
+def _count_forward_paths(monkeypatch, min_logits=0):
+    """Counts the Triton forwards the autograd Function runs: the one-pass and the two-pass (log-sum-exp) one.
+    The one-pass path is taken from `min_logits` logits per call (the tests' problems are tiny)."""
+    import hf_basis.ops.basis_cross_entropy_triton as K
+
+    monkeypatch.setattr(K, "ONE_PASS_MIN_LOGITS", min_logits)
+    calls = []
+    for name in ("forward_stats_one_pass_triton", "forward_stats_triton"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    return calls
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
-def test_triton_backward_is_deterministic():
-    x, C, codes, b, y = _problem(T=45, V=60)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("eps,z,cap,bias", [(0.0, 0.0, None, False), (0.1, 0.0, None, True), (0.0, 1e-2, 2.5, True),
+                                            (0.15, 5e-3, 2.5, False)])
+def test_one_pass_forward_with_gradients(monkeypatch, reduction, eps, z, cap, bias):
+    """A scalar loss whose bias needs no gradient takes one gather pass for loss and gradients (label smoothing with
+    soft-capping excepted: two passes); both match F.cross_entropy, over several chunks, fp32 and bf16."""
+    calls = _count_forward_paths(monkeypatch)
+    _check("triton", reduction, eps, z, cap, bias, chunk=10, train_bias=False)
+    _check("triton", reduction, eps, z, cap, bias, dtype=torch.bfloat16, tol=1e-2, train_bias=False)
+    one_pass = not (eps and cap)
+    assert calls == ["forward_stats_one_pass_triton"] * 2 if one_pass else calls == ["forward_stats_triton"] * 2
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+def test_one_pass_only_from_min_logits(monkeypatch):
+    """Below ONE_PASS_MIN_LOGITS (T x V) a call keeps the two passes (no host sync); from it on, one pass."""
+    x, C, codes, _, y = _problem(T=10, V=30)
+    for min_logits, path in ((301, "forward_stats_triton"), (300, "forward_stats_one_pass_triton")):
+        calls = _count_forward_paths(monkeypatch, min_logits)
+        basis_cross_entropy(x.clone().requires_grad_(), C, codes, None, y, impl="triton").backward()
+        assert calls == [path]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("eps,cap", [(0.1, None), (0.0, 3.0)])
+def test_one_pass_stages_against_reference(eps, cap):
+    """The one-pass forward's stats against the PyTorch forward (bad labels too), and grad_from_sums against the
+    reference gradient for per-token and scalar upstream gradients, with several 64-token chunks."""
+    from hf_basis.ops.basis_cross_entropy import ce_grad_reference, forward_stats_reference
+    from hf_basis.ops.basis_cross_entropy_triton import ExpSums, forward_stats_one_pass_triton, grad_from_sums_triton
+    from hf_basis.ops.basis_linear import centroid_scores
+
+    x, C, codes, b, y = _problem(T=150, V=97, bias=True)
+    y[3] = 97  # out of range: flagged, not counted
+    P = centroid_scores(x, C).contiguous()
+    args = (P, codes, b, y, -100, eps, 1e-3, cap)
+    cfg = {"exp": {"BLOCK_T": 16, "BLOCK_V": 16, "splits": 3, "num_warps": 4, "num_stages": 1}}
+    stats, out, sums = forward_stats_one_pass_triton(*args, chunk=64, config=cfg)
+    stats_r, out_r = forward_stats_reference(*args)
+    assert _rel(stats, stats_r) < 1e-6 and _rel(out, out_r) < 1e-6
+    assert out[2, 3] == 1 and out[1, 3] == 0
+    for scale in (torch.rand(150, device=DEVICE), torch.tensor([0.3], device=DEVICE)):
+        gP = grad_from_sums_triton(ExpSums(sums.sums.clone(), sums.shift, sums.ycoef), codes, y, stats, scale)
+        gP_r, _ = ce_grad_reference(P, codes, b, stats_r, y, scale, softcap=cap, need_bias_grad=False)
+        assert gP.shape == gP_r.shape and _rel(gP, gP_r) < 1e-5
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter (numpy) warns of the overflow itself
+def test_one_pass_shift_overflow_recomputes(monkeypatch):
+    """A logit ~100 nats above every sampled word overflows the one-pass sums: detected, recomputed in two passes."""
+    import hf_basis.ops.basis_cross_entropy_triton as K
+
+    monkeypatch.setattr(K, "_SHIFT_SAMPLE_WORDS", 1)  # the shift then comes from word 0 alone
+    x, C, codes, _, y = _problem(T=20, V=40, ignore_every=0)
+    x = x * 12.0
+    logits = basis_linear(x.double(), C.double(), codes)
+    assert ((logits.max(dim=1).values - logits[:, 0]) > 130).any()  # the premise: exp(l - shift) overflows
+    calls = _count_forward_paths(monkeypatch)
+    ref, ref_g = _grads(lambda x_, C_: _dense_loss(x_, C_, codes, None, y, "mean", 0.0, 0.0, None),
+                        [x.double(), C.double()], 1.0)
+    out, g = _grads(lambda x_, C_: basis_cross_entropy(x_, C_, codes, None, y, impl="triton"), [x, C], 1.0)
+    assert calls == ["forward_stats_one_pass_triton", "forward_stats_triton"]
+    assert torch.isfinite(out) and _rel(out, ref) < 1e-5
+    assert all(_rel(a, r) < 1e-4 for a, r in zip(g, ref_g))
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("bias", [True, False])  # a trained bias takes the two-pass path, none the one-pass path
+def test_triton_backward_is_deterministic(bias):
+    x, C, codes, b, y = _problem(T=45, V=60, bias=bias)
     runs = [_grads(lambda x_, C_, b_: basis_cross_entropy(x_, C_, codes, b_, y, impl="triton", chunk_tokens=16),
                    [x, C, b], 1.0)[1] for _ in range(2)]
     for a, c in zip(*runs):
