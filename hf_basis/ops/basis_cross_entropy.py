@@ -165,11 +165,10 @@ def _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale,
 
 def _one_pass(P, codes, need_bias, softcap, label_smoothing) -> bool:
     """Whether loss and gradients come from one gather pass (forward_stats_one_pass_triton) rather than two."""
-    from hf_basis.ops.basis_cross_entropy_triton import ONE_PASS_MIN_LOGITS
+    from hf_basis.ops.basis_cross_entropy_triton import ONE_PASS_MIN_LOGITS, one_pass_supported
 
-    return (P.shape[2] * codes.shape[0] >= ONE_PASS_MIN_LOGITS and P.dtype in (torch.float32, torch.bfloat16)
-            and not need_bias and not (softcap and label_smoothing)
-            and not (P.is_cuda and torch.cuda.is_current_stream_capturing()))  # its overflow check syncs
+    return (P.shape[2] * codes.shape[0] >= ONE_PASS_MIN_LOGITS and one_pass_supported(P, label_smoothing, softcap)
+            and not need_bias and not (P.is_cuda and torch.cuda.is_current_stream_capturing()))  # its check syncs
 
 
 class BasisCrossEntropyFunction(torch.autograd.Function):

@@ -50,7 +50,7 @@ from hf_basis.ops.basis_decode_triton import _segment_sum_kernel, codes_csr
 
 __all__ = [
     "lse_triton", "forward_stats_triton", "ce_grad_triton", "forward_stats_one_pass_triton", "grad_from_sums_triton",
-    "ExpSums", "ONE_PASS_MIN_LOGITS", "chunk_tokens", "SEGMENT_BLOCK_T",
+    "ExpSums", "ONE_PASS_MIN_LOGITS", "one_pass_supported", "chunk_tokens", "SEGMENT_BLOCK_T",
 ]
 
 _NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
@@ -410,6 +410,12 @@ def _splits(n_blocks: int, V: int, block_v: int, programs_per_sm: int, device: t
     return max(1, min(triton.cdiv(programs_per_sm * _num_sms(device), n_blocks), triton.cdiv(V, 4 * block_v)))
 
 
+def _word_splits(V: int, splits: int, block_v: int) -> tuple[int, int]:
+    """(words per split, a whole number of word tiles; number of non-empty splits) for about `splits` splits."""
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+    return v_per_split, triton.cdiv(V, v_per_split)
+
+
 _P_IN_L2_BYTES = 32 * 2**20  # P (B x K x T) up to this size stays resident in the H100's 50 MB L2 next to the rest
 
 
@@ -432,8 +438,9 @@ def _exp_config(Tc: int, V: int, device: torch.device) -> dict:
     """Block sizes of `_ce_exp_kernel` (H100, bf16, 8 x 384, fwd+bwd of the one-pass loss; T, H, V = 16384, 768,
     128256 / 8192, 4096, 128256): 64 tokens x 64 words, 4 warps, 4 programs/SM: 12.9 / 7.8 ms (64 x 32 x 2 warps x 8:
     13.9 / 8.0; 128 x 32: 13.8 / 8.5; 32 x 256 x 8 warps: 16.9 / 10.4)."""
-    splits = _splits(triton.cdiv(Tc, 64), V, 64, 4, device)
-    return {"BLOCK_T": 64, "BLOCK_V": 64, "splits": splits, "num_warps": 4, "num_stages": 1}
+    block_t, block_v, per_sm = 64, 64, 4
+    splits = _splits(triton.cdiv(Tc, block_t), V, block_v, per_sm, device)
+    return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": 4, "num_stages": 1}
 
 
 def _grad_config(Tc: int, V: int) -> dict:
@@ -464,10 +471,8 @@ def lse_partials_triton(P, codes, bias, softcap=None, with_sum=False, config=Non
     B, K, T = P.shape
     V = codes.shape[0]
     cfg = dict(config or _lse_config(T, V, P.numel() * P.element_size(), P.device))
-    splits = cfg.pop("splits")
     cfg.pop("programs_per_sm", None)
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
-    splits = triton.cdiv(V, v_per_split)
+    v_per_split, splits = _word_splits(V, cfg.pop("splits"), cfg["BLOCK_V"])
     m = torch.empty((splits, T), device=P.device, dtype=torch.float32)
     s = torch.empty_like(m)
     total = torch.empty_like(m) if with_sum else m
@@ -591,6 +596,13 @@ _SHIFT_SAMPLE_WORDS = 2048
 _SHIFT_MARGIN = 20.0
 
 
+def one_pass_supported(P: torch.Tensor, label_smoothing: float, softcap: float | None) -> bool:
+    """Whether `forward_stats_one_pass_triton` handles these scores and options: fp32 / bf16 only (exp(l - shift)
+    needs their exponent range) and not label smoothing with soft-capping (its eps / V term would need the per-word
+    tanh factor inside the sums)."""
+    return P.dtype in (torch.float32, torch.bfloat16) and not (softcap is not None and label_smoothing > 0)
+
+
 class ExpSums(NamedTuple):
     """What the one-pass forward leaves for `grad_from_sums_triton`."""
 
@@ -624,10 +636,9 @@ def forward_stats_one_pass_triton(
     by the two-pass forward and returns None for the sums.
     """
     _check(P, codes)
-    if P.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the one-pass forward needs fp32 or bf16 scores (exp range), got {P.dtype}")
-    if softcap is not None and label_smoothing > 0:
-        raise ValueError("the one-pass forward does not combine label smoothing with soft-capping")
+    if not one_pass_supported(P, label_smoothing, softcap):
+        raise ValueError(f"the one-pass forward needs fp32 / bf16 scores (got {P.dtype}) and not label smoothing "
+                         f"together with soft-capping (got {label_smoothing}, {softcap})")
     codes = codes.contiguous()
     B, K, T = P.shape
     V = codes.shape[0]
@@ -640,9 +651,7 @@ def forward_stats_one_pass_triton(
     total = torch.empty(T, device=dev, dtype=torch.float32) if with_sum else None
     Tc, n_chunks, gP, Gt = _chunk_buffers(P, V, chunk)
     ecfg = dict((config or {}).get("exp") or _exp_config(Tc, V, dev))
-    splits = ecfg.pop("splits")
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), ecfg["BLOCK_V"]) * ecfg["BLOCK_V"]
-    splits = triton.cdiv(V, v_per_split)
+    v_per_split, splits = _word_splits(V, ecfg.pop("splits"), ecfg["BLOCK_V"])
     scfg = dict((config or {}).get("segment") or _segment_config(Tc))
     if n_chunks:
         words, seg_offsets = codes_csr(codes, K)
