@@ -15,6 +15,10 @@ time to write the logits once (T*V*elem bytes) at the copy bandwidth measured in
 the GPU time of the work and the headline at 128 tokens: there the eager columns are paced by the host (Python,
 autograd, Triton's launcher), whose time to issue one basis call is given too (`host ... us`, CPU time of 50 calls
 issued back to back without synchronising).
+The forward's parts are timed the same way, each as its own graph (second table): the projection bmm, the decode
+kernel on a precomputed P, a trivial kernel writing the same T x V logits (`fill_`: the floor of any decode), and a
+one-element `fill_` (the fixed cost of one timed replay: launch, events and the tail of the L2 flush): where the
+forward's time goes.
 
 CPU timings: median of perf_counter loops after warm-up, dense and basis timed in alternation.
 Writes benchmarks/results/basis_vs_linear_<device-slug>.json (or --out).
@@ -173,6 +177,11 @@ def bench_cuda_row(T, H, V, B, K, dtype, device, cuda_graphs=True, copy_bw=None)
             row["graph_basis_fwd_bwd_ms"] = _graph_ms(basis_step, basis_params)
             row["graph_fwd_speedup"] = row["graph_dense_fwd_ms"] / row["graph_basis_fwd_ms"]
             row["graph_fwd_bwd_speedup"] = row["graph_dense_fwd_bwd_ms"] / row["graph_basis_fwd_bwd_ms"]
+            with torch.no_grad():  # the forward's parts, each its own graph, timed the same way
+                row["graph_bmm_fwd_ms"] = _graph_ms(lambda: torch.bmm(C, x.view(T, B, H // B).permute(1, 2, 0)), [])
+                row["graph_decode_fwd_ms"] = _graph_ms(lambda: basis_decode_triton(P, codes, bias), [])
+                row["graph_write_floor_ms"] = _graph_ms(lambda: torch.empty_like(grad_out).fill_(1.0), [])
+                row["graph_replay_floor_ms"] = _graph_ms(lambda: torch.empty_like(grad_out[:1, :1]).fill_(1.0), [])
         except Exception as exc:  # report, never hide the eager numbers
             row["graph_error"] = repr(exc)
     del x, linear, C, codes, bias, grad_out, P
@@ -250,6 +259,22 @@ def _print_table(rows, device_name, graphs):
         cols += [("graph_fwd_speedup", "g fwd x", "{:>7.2f}"), ("graph_fwd_bwd_speedup", "g f+b x", "{:>7.2f}")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     print(f"device: {device_name}")
+    _print_columns(rows, cols)
+    if graphs and any("graph_decode_fwd_ms" in r for r in rows):
+        print("forward, each part its own CUDA graph (ms):")
+        _print_columns(rows, [
+            ("H", "H", "{:>5}"),
+            ("V", "V", "{:>7}"),
+            ("graph_dense_fwd_ms", "dense fwd", "{:>9.4f}"),
+            ("graph_basis_fwd_ms", "basis fwd", "{:>9.4f}"),
+            ("graph_bmm_fwd_ms", "bmm", "{:>7.4f}"),
+            ("graph_decode_fwd_ms", "decode", "{:>7.4f}"),
+            ("graph_write_floor_ms", "write floor", "{:>11.4f}"),
+            ("graph_replay_floor_ms", "replay floor", "{:>12.4f}"),
+        ])
+
+
+def _print_columns(rows, cols):
     print(" ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols))
     for r in rows:
         print(" ".join(fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, _, fmt in cols))
