@@ -1,10 +1,10 @@
-"""Helpers shared by the benchmark scripts: device names, result-file names, copy bandwidth."""
+"""Helpers shared by the benchmark scripts: device names, result-file names, copy bandwidth, CUDA-graph capture."""
 
 from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,3 +40,27 @@ def copy_bandwidth(device: torch.device | str, time_ms: Callable[[Callable[[], o
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def capture_graph(fn: Callable[[], object], params: Sequence[torch.Tensor] = ()) -> torch.cuda.CUDAGraph:
+    """fn captured in one CUDA graph, after three warm-up calls on a side stream (compilation, caches and cuBLAS
+    workspaces stay out of the capture). The gradients of `params` are set to None before every call and after the
+    capture: the graph keeps its own gradient buffers."""
+
+    def call():
+        for p in params:
+            p.grad = None
+        fn()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for p in params:
+        p.grad = None
+    return graph

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_utils import result_path
+from bench_utils import capture_graph, result_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,19 +89,8 @@ def method_fn(name, hidden, labels, centroids, codes, weight):
             basis_cross_entropy(hidden, centroids, codes, None, labels, chunk_tokens=tc).backward()
         return fn, [hidden, centroids]
     if name == "basis_graph":
-        def call():
-            basis_cross_entropy(hidden, centroids, codes, None, labels).backward()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: compilation, the codes' CSR, cuBLAS workspaces
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        hidden.grad = centroids.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        hidden.grad = centroids.grad = None  # the graph keeps its own gradient buffers
+        graph = capture_graph(lambda: basis_cross_entropy(hidden, centroids, codes, None, labels).backward(),
+                              [hidden, centroids])
         return graph.replay, []
     if name == "dense":
         def fn():

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_utils import copy_bandwidth, result_path
+from bench_utils import capture_graph, copy_bandwidth, result_path
 from bench_utils import device_name as bench_device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,23 +95,9 @@ def _host_us(fn, params, calls=50):
 
 def _graph_ms(fn, params):
     """Capture fn (forward, or forward+backward) in one CUDA graph and time its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            for p in params:
-                p.grad = None
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn, params)
     ms = _do_bench(graph.replay)
     del graph
-    for p in params:
-        p.grad = None
     return ms
 
 

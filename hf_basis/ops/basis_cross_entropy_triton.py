@@ -471,7 +471,6 @@ def lse_partials_triton(P, codes, bias, softcap=None, with_sum=False, config=Non
     B, K, T = P.shape
     V = codes.shape[0]
     cfg = dict(config or _lse_config(T, V, P.numel() * P.element_size(), P.device))
-    cfg.pop("programs_per_sm", None)
     v_per_split, splits = _word_splits(V, cfg.pop("splits"), cfg["BLOCK_V"])
     m = torch.empty((splits, T), device=P.device, dtype=torch.float32)
     s = torch.empty_like(m)
