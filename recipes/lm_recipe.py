@@ -49,6 +49,7 @@ __all__ = ["CompressionArguments", "DataArguments", "ModelArguments", "main", "p
 ARCHITECTURES = ("lstm_lm", "gpt2", "llama")
 COMPRESSIONS = ("none", "basis", "quant")
 PQ_WEIGHTINGS = ("uniform", "frequency")
+BASIS_MODULES = ("both", "input", "output")
 
 
 @dataclass
@@ -91,8 +92,16 @@ class CompressionArguments:
     nbit: int = field(default=4, metadata={"help": "quant: bits per value"})
     dense_warmup_epochs: float = field(
         default=0.0,
-        metadata={"help": "train dense for N epochs, then convert and train the remaining epochs (original schedule);"
-                          " 0: convert before training"},
+        metadata={"help": "train dense for N of the --num_train_epochs, then convert and train the rest (--max_steps "
+                          "is split in the same ratio); 0: convert before training. With --compression none and "
+                          "--basis_optimizer adam: the dense model's layers in --basis_modules take the Adam steps "
+                          "after N epochs (the equally tuned dense reference)"},
+    )
+    continue_learning_rate: bool = field(
+        default=False,
+        metadata={"help": "with --lr_scheduler_type reduce_lr_on_plateau: the phase after the conversion starts at "
+                          "the learning rate the dense phase ended with (its reductions carry over); false: it "
+                          "restarts at --learning_rate (or --compressed_learning_rate)"},
     )
     compression_seed: int = 0
     pq_weighting: str = field(
@@ -157,10 +166,14 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
                                   comp_args.centroid_learning_rate, training_args.optim)
     if error:
         parser.error(error)
-    if comp_args.basis_optimizer == "adam" and comp_args.compression != "basis":
-        parser.error("--basis_optimizer adam needs --compression basis")
-    if comp_args.dense_warmup_epochs and comp_args.compression == "none":
-        parser.error("--dense_warmup_epochs needs --compression basis or quant")
+    if comp_args.basis_optimizer == "adam" and comp_args.compression == "quant":
+        parser.error("--basis_optimizer adam needs --compression basis (or none: the dense reference with the same "
+                     "treatment); quant layers do not train")
+    if comp_args.compression == "none" and comp_args.dense_warmup_epochs and comp_args.basis_optimizer != "adam":
+        parser.error("--dense_warmup_epochs needs --compression basis or quant (or, for the equally tuned dense "
+                     "reference, --compression none with --basis_optimizer adam)")
+    if comp_args.basis_modules not in BASIS_MODULES:
+        parser.error(f"--basis_modules must be one of {BASIS_MODULES}")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
         parser.error("--dense_warmup_epochs must be smaller than --num_train_epochs (the total)")
     # The loss and the perplexity read the aligned targets; the Trainer must pass them to the metric.
@@ -248,6 +261,7 @@ def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp
         centroid_learning_rate=comp_args.centroid_learning_rate if comp_args else None,
         basis_optimizer=comp_args.basis_optimizer if comp_args else "same",
         basis_learning_rate=comp_args.basis_learning_rate if comp_args else None,
+        adam_layers=LAYERS_OF[comp_args.basis_modules] if comp_args else None,
         model=model,
         args=args,
         train_dataset=datasets[0],
@@ -260,14 +274,30 @@ def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp
     )
 
 
-def _phases(comp_args: CompressionArguments, total_epochs: float) -> list[tuple[str, float, bool]]:
-    """[(name, epochs, convert before this phase)]."""
-    if comp_args.compression == "none":
-        return [("dense", total_epochs, False)]
-    if comp_args.dense_warmup_epochs:
-        return [("dense", comp_args.dense_warmup_epochs, False),
-                (comp_args.compression, total_epochs - comp_args.dense_warmup_epochs, True)]
-    return [(comp_args.compression, total_epochs, True)]
+LAYERS_OF = {"both": ("input", "output"), "input": ("input",), "output": ("output",)}
+
+
+@dataclass
+class Phase:
+    name: str
+    epochs: float
+    max_steps: int  # <= 0: by epochs
+    after_switch: bool  # the phase after --dense_warmup_epochs (compressed, or the tuned dense reference)
+
+
+def _phases(comp_args: CompressionArguments, total_epochs: float, max_steps: int) -> list[Phase]:
+    """The run's phases. --num_train_epochs and --max_steps are the whole run's; --dense_warmup_epochs takes its
+    share of either (dense_warmup_epochs / num_train_epochs of --max_steps), the phase after the switch the rest."""
+    if comp_args.compression != "none":
+        after = comp_args.compression
+    else:  # dense; with --basis_optimizer adam its layers in --basis_modules take Adam steps after the switch
+        after = "dense-tuned" if comp_args.basis_optimizer == "adam" else "dense"
+    if not comp_args.dense_warmup_epochs:
+        return [Phase(after, total_epochs, max_steps, after != "dense")]
+    warmup = comp_args.dense_warmup_epochs
+    warmup_steps = round(max_steps * warmup / total_epochs) if max_steps > 0 else -1
+    rest_steps = max_steps - warmup_steps if max_steps > 0 else -1
+    return [Phase("dense", warmup, warmup_steps, False), Phase(after, total_epochs - warmup, rest_steps, True)]
 
 
 def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts: torch.Tensor | None = None) -> None:
@@ -284,6 +314,26 @@ def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts
         nbit=comp_args.nbit, modules=comp_args.basis_modules, seed=comp_args.compression_seed,
         token_frequencies=token_counts, head_input_moment=moment,
     )
+
+
+def _learning_rate_after_switch(trainer, comp_args: CompressionArguments, training_args: TrainingArguments) -> float:
+    """The first learning rate of the phase after the switch: where the dense phase's reduce_lr_on_plateau left it
+    (--continue_learning_rate), else --compressed_learning_rate or --learning_rate."""
+    if comp_args.compressed_learning_rate is not None:
+        return comp_args.compressed_learning_rate
+    if (comp_args.continue_learning_rate and trainer is not None and trainer.optimizer is not None
+            and training_args.lr_scheduler_type == "reduce_lr_on_plateau"):
+        return trainer.optimizer.param_groups[0]["lr"]
+    return training_args.learning_rate
+
+
+def _describe_conversion(model, comp_args: CompressionArguments) -> str:
+    if comp_args.compression == "none":
+        return f"dense, {'+'.join(LAYERS_OF[comp_args.basis_modules])} layer(s) now take Adam steps"
+    layers = hf_basis.report(model).to_dict()["layers"]
+    return "converted " + ", ".join(f"{layer['name']} to {layer['kind']}" for layer in layers) + (
+        f" ({comp_args.num_basis} x {comp_args.num_clusters})" if comp_args.compression == "basis"
+        else f" ({comp_args.nbit} bit)")
 
 
 def _summary_table(results: dict) -> str:
@@ -330,28 +380,39 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
     stopper = StopOnInterrupt().install()
 
     trainer = None
-    log_history, runtime, tokens, epochs_trained = [], 0.0, 0, 0.0
+    log_history, runtime, tokens, epochs_trained, switch = [], 0.0, 0, 0.0, None
+    phases = _phases(comp_args, training_args.num_train_epochs, training_args.max_steps)
     try:
-        for name, epochs, convert_first in _phases(comp_args, training_args.num_train_epochs):
+        for phase in phases:
             if stopper.requested:  # Ctrl-C during an earlier phase or a conversion: no further phase
                 stopper.interrupted = True
                 break
-            if convert_first:
-                _convert(model, comp_args, datasets[0], token_counts)
             args = copy.deepcopy(training_args)
-            args.num_train_epochs = epochs
-            if convert_first and comp_args.compressed_learning_rate is not None:
-                args.learning_rate = comp_args.compressed_learning_rate
-            if len(_phases(comp_args, training_args.num_train_epochs)) > 1:
-                args.output_dir = os.path.join(training_args.output_dir, f"phase-{name}")
+            args.num_train_epochs, args.max_steps = phase.epochs, phase.max_steps
+            if phase.after_switch:
+                args.learning_rate = _learning_rate_after_switch(trainer, comp_args, training_args)
+            if len(phases) > 1 and training_args.save_strategy != "no":  # checkpoints of each phase apart
+                args.output_dir = os.path.join(training_args.output_dir, f"phase-{phase.name}")
+            if phase.after_switch and trainer is not None:
+                switch = {"after_epochs": epochs_trained, "learning_rate": args.learning_rate,
+                          "eval_perplexity_before": trainer.evaluate()["eval_perplexity"]}
+            if phase.after_switch and comp_args.compression != "none":
+                _convert(model, comp_args, datasets[0], token_counts)
             trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
-                               comp_args if convert_first else None)
-            if epochs > 0:
+                               comp_args if phase.after_switch else None)
+            if switch is not None and "eval_perplexity_after" not in switch:
+                switch["eval_perplexity_after"] = trainer.evaluate()["eval_perplexity"]
+                switch["converted"] = _describe_conversion(model, comp_args)
+                print(f"[hf_basis] switch after {switch['after_epochs']:g} epochs: {switch['converted']}; valid "
+                      f"perplexity {switch['eval_perplexity_before']:.2f} -> {switch['eval_perplexity_after']:.2f}; "
+                      f"learning rate {args.learning_rate:g}", file=sys.stderr, flush=True)
+            if phase.epochs > 0 and phase.max_steps != 0:
+                stopper.phase = phase.name
                 output = trainer.train()
                 runtime += output.metrics["train_runtime"]
                 tokens += trainer.train_tokens * training_args.world_size
                 epochs_trained += trainer.state.epoch or 0.0
-                log_history += [dict(entry, phase=name) for entry in trainer.state.log_history]
+                log_history += [dict(entry, phase=phase.name) for entry in trainer.state.log_history]
         if trainer is None:  # interrupted before the first phase began
             trainer = _trainer(model, copy.deepcopy(training_args), model_args, datasets, tokenizer, metric, stopper)
         stopper.uninstall()  # from here on, Ctrl-C aborts
@@ -384,6 +445,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
         "train_runtime": runtime,
         "train_tokens_per_second": tokens / runtime if runtime else float("nan"),
         "epochs_trained": epochs_trained,
+        "switch": switch,
         "interrupted": stopper.interrupted,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "world_size": training_args.world_size,

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 import hf_basis.metrics
-from hf_basis import BasisLinear, Codebook
+from hf_basis import BasisEmbedding, BasisLinear, Codebook
 from hf_basis.models.lstm import STATE_FIELD
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "SGDWithAdamGroups",
     "StopOnInterrupt",
     "basis_optimizer_error",
-    "basis_parameters",
+    "layer_parameters",
     "token_nll",
 ]
 
@@ -122,11 +122,21 @@ def basis_optimizer_error(basis_optimizer: str, basis_learning_rate: float | Non
     return None
 
 
-def basis_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable parameters of the model's basis layers: codebook centroids and the biases of BasisLinear."""
-    params = [m.centroids for m in model.modules() if isinstance(m, Codebook)]
-    params += [m.bias for m in model.modules() if isinstance(m, BasisLinear) and m.bias is not None]
-    return [p for p in dict.fromkeys(params) if p.requires_grad]  # tied modules share a codebook: once each
+LAYERS = ("input", "output")
+
+
+def layer_parameters(model: torch.nn.Module, layers: tuple[str, ...] | None = None) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the model's input embedding ("input") and/or output layer ("output"), whatever
+    they are: codebook centroids and bias of basis layers, weight and bias of dense ones (none for the frozen quant
+    layers). None: those of the two that are basis layers. Shared tensors (tied layers, a codebook) once each."""
+    getters = {"input": model.get_input_embeddings, "output": model.get_output_embeddings}
+    if layers is None:
+        layers = tuple(name for name, get in getters.items() if isinstance(get(), (BasisEmbedding, BasisLinear)))
+    unknown = set(layers) - set(LAYERS)
+    if unknown:
+        raise ValueError(f"layers must be a subset of {LAYERS}, got {sorted(unknown)}")
+    params = [p for name in layers if getters[name]() is not None for p in getters[name]().parameters()]
+    return [p for p in dict.fromkeys(params) if p.requires_grad]
 
 
 class LMTrainer(Trainer):
@@ -137,13 +147,17 @@ class LMTrainer(Trainer):
             learning rate (schedulers scale it like the others). A centroid's gradient is the sum of the gradients
             of every word that shares it, so plain SGD moves a decoded row much further than a dense row.
         basis_optimizer: "same" (every parameter uses the Trainer's optimizer) or "adam" (with `optim="sgd"` only):
-            one `SGDWithAdamGroups` in which the basis layers' parameters (`basis_parameters`) take Adam steps of
-            `basis_learning_rate`, decayed linearly to 0 over the training steps, and the rest SGD steps.
+            one `SGDWithAdamGroups` in which the parameters of the layers in `adam_layers` (`layer_parameters`:
+            the basis layers' centroids and bias, or a dense layer's weight and bias, so a dense model can get the
+            same treatment as a converted one) take Adam steps of `basis_learning_rate`, decayed linearly to 0 over
+            the training steps, and the rest SGD steps.
         basis_learning_rate: Adam's step size for basis_optimizer="adam".
+        adam_layers: which of ("input", "output") take the Adam steps (default: those that are basis layers).
     """
 
     def __init__(self, *args, centroid_learning_rate: float | None = None, basis_optimizer: str = "same",
-                 basis_learning_rate: float | None = None, **kwargs) -> None:
+                 basis_learning_rate: float | None = None, adam_layers: tuple[str, ...] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         error = basis_optimizer_error(basis_optimizer, basis_learning_rate, centroid_learning_rate, self.args.optim)
         if error:
@@ -152,6 +166,7 @@ class LMTrainer(Trainer):
         self.centroid_learning_rate = centroid_learning_rate
         self.basis_optimizer = basis_optimizer
         self.basis_learning_rate = basis_learning_rate
+        self.adam_layers = None if adam_layers is None else tuple(adam_layers)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -171,7 +186,7 @@ class LMTrainer(Trainer):
         if self.basis_optimizer == "adam":
             if any(g["dampening"] or g["nesterov"] for g in optimizer.param_groups):
                 raise ValueError("basis_optimizer='adam' supports SGD without dampening or Nesterov momentum")
-            adam = basis_parameters(model)
+            adam = layer_parameters(model, self.adam_layers)
             adam_ids = {id(p) for p in adam}
             groups = [{"params": [p for p in g["params"] if id(p) not in adam_ids], "lr": g["lr"],
                        "momentum": g["momentum"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
@@ -290,6 +305,7 @@ class StopOnInterrupt(TrainerCallback):
     def __init__(self) -> None:
         self.requested = False
         self.interrupted = False
+        self.phase = "training"  # the recipe names each phase ("dense", "basis" ...) for the log line below
         self._previous = None
 
     def install(self) -> "StopOnInterrupt":
@@ -317,7 +333,7 @@ class StopOnInterrupt(TrainerCallback):
         return self.requested
 
     def on_train_begin(self, args, state, control, **kwargs):
-        print(f"[hf_basis] training started ({state.max_steps} steps)", file=sys.stderr, flush=True)
+        print(f"[hf_basis] {self.phase}: training started ({state.max_steps} steps)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_process_requested(args):

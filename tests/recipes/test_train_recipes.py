@@ -248,3 +248,65 @@ def test_short_run_on_real_ptb_beats_the_unigram_model(tmp_path):
     # All of ptb.valid.txt: 73,760 tokens with <eos> in 10 streams of 7,376; each stream's first token has no context.
     assert results["eval_tokens"] == 73750
     assert results["eval_perplexity"] < 0.7 * unigram, (results["eval_perplexity"], unigram)  # 436 vs 687 here
+
+
+def test_max_steps_is_the_whole_run_and_the_switch_is_logged(tiny_corpus, tmp_path, capfd):
+    out = tmp_path / "steps"
+    results = train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(out), "--num_train_epochs", "4", "--dense_warmup_epochs", "1", "--max_steps", "12",
+         "--num_basis", "4", "--num_clusters", "8", "--per_device_train_batch_size", "4"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    # --max_steps 12 with 1 of 4 epochs dense: 3 dense steps, then 9 compressed ones; 12 in all, not 12 per phase.
+    last_step = {phase: max(e["step"] for e in results["log_history"] if e["phase"] == phase)
+                 for phase in ("dense", "basis")}
+    assert last_step == {"dense": 3, "basis": 9}
+    log = capfd.readouterr().err
+    assert "dense: training started (3 steps)" in log and "basis: training started (9 steps)" in log
+    switch = results["switch"]
+    assert switch["converted"] == "converted lm_head to BasisLinear (4 x 8)"
+    assert f"valid perplexity {switch['eval_perplexity_before']:.2f} -> {switch['eval_perplexity_after']:.2f}" in log
+    assert switch["eval_perplexity_before"] > 1 and switch["eval_perplexity_after"] > 1
+    assert not any(name.startswith("phase-") for name in os.listdir(out))  # no empty per-phase folders
+
+
+def test_equally_tuned_dense_reference_gives_its_head_the_adam_steps(tiny_corpus, tmp_path, monkeypatch):
+    shapes = set()
+    adam_step = lm_trainer.SGDWithAdamGroups._adam_step
+
+    def spy(p, grad, state, group):
+        adam_step(p, grad, state, group)
+        shapes.add(tuple(p.shape))
+
+    monkeypatch.setattr(lm_trainer.SGDWithAdamGroups, "_adam_step", staticmethod(spy))
+    results = train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_dense.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(tmp_path / "tuned"), "--num_train_epochs", "2", "--dense_warmup_epochs", "1",
+         "--basis_optimizer", "adam", "--basis_learning_rate", "0.01", "--basis_modules", "output",
+         "--per_device_train_batch_size", "4"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    assert {e["phase"] for e in results["log_history"]} == {"dense", "dense-tuned"}
+    assert results["compression"] == "none" and results["compression_ratio"] == 1.0
+    vocab = json.loads((tmp_path / "tuned" / "config.json").read_text())["vocab_size"]
+    assert shapes == {(vocab, 32), (vocab,)}  # the dense lm_head's weight and bias, nothing else
+    with pytest.raises(SystemExit):  # a second dense phase only exists for that reference
+        parse_args(["--dense_warmup_epochs", "1", "--num_train_epochs", "2"], train_ptb.PTB_DEFAULTS)
+
+
+def test_learning_rate_after_the_switch():
+    from types import SimpleNamespace
+
+    from lm_recipe import _learning_rate_after_switch
+
+    dense_phase = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 1.25}]))  # after two plateaus
+    _, _, comp, args = parse_args(["--compression", "basis", "--dense_warmup_epochs", "1"], train_ptb.PTB_DEFAULTS)
+    assert _learning_rate_after_switch(dense_phase, comp, args) == 20.0  # restarts by default
+    comp.continue_learning_rate = True
+    assert _learning_rate_after_switch(dense_phase, comp, args) == 1.25
+    comp.compressed_learning_rate = 3.0
+    assert _learning_rate_after_switch(dense_phase, comp, args) == 3.0  # an explicit rate wins
+    comp.compressed_learning_rate = None
+    args.lr_scheduler_type = "linear"  # a schedule that decays to 0 by itself: nothing to continue
+    assert _learning_rate_after_switch(dense_phase, comp, args) == 20.0
