@@ -70,8 +70,8 @@ def _declare_tied_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -
 
     The {target: source} map goes to `model.all_tied_weights_keys` and, as exact-name patterns, to the instance's
     `_tied_weights_keys`: transformers' save_pretrained keeps one copy of shared tensors only for target names
-    matching those patterns (and refuses to save otherwise). The class's own patterns stay: the tensors a partial
-    conversion leaves dense may still be shared (T5's embed_tokens / shared, BERT's decoder.bias).
+    matching those patterns (and refuses to save otherwise). The model's own ties between tensors that are still one
+    tensor stay declared: a partial conversion leaves them dense (T5's embed_tokens / shared).
     """
     state = model.state_dict(keep_vars=True)
     by_storage: dict[tuple, list[str]] = {}
@@ -107,9 +107,9 @@ def _declare_tied_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -
         t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
         if t in state and s in state and state[t] is state[s]
     }  # fmt: skip
-    model.all_tied_weights_keys = dense_ties | tied
-    own = dict(getattr(type(model), "_tied_weights_keys", None) or {})
-    model._tied_weights_keys = own | {f"^{re.escape(t)}$": f"^{re.escape(s)}$" for t, s in tied.items()}
+    tied = dense_ties | tied
+    model.all_tied_weights_keys = tied
+    model._tied_weights_keys = {f"^{re.escape(t)}$": f"^{re.escape(s)}$" for t, s in tied.items()}
     # The same names, for save_pretrained to leave out and for Trainer's resume to accept as "missing": it then
     # calls tie_weights() instead of warning about missing keys.
     model.__dict__.pop("_keys_to_ignore_on_save", None)
