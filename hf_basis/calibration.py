@@ -23,8 +23,9 @@ def head_input_moment(
     moving tensors to the model's device, and averages h h^T over every token position; positions whose
     `attention_mask` is 0 are left out. In an encoder-decoder model (T5, BART) the output layer sees the decoder's
     positions: there `decoder_attention_mask` is the mask (the encoder's `attention_mask` describes other positions),
-    and without one every decoder position counts. Stops after `max_tokens` positions if given. The model's training mode is
-    restored afterwards. Raises ValueError if no position was seen.
+    and without one every decoder position counts. Stops after `max_tokens` positions if given. The model's training
+    mode is restored afterwards. Raises ValueError if no position was seen, or if the mask does not have one entry
+    per position the output layer sees.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
@@ -32,8 +33,8 @@ def head_input_moment(
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     device = next(model.parameters()).device
-    mask_key = "decoder_attention_mask" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else (
-        "attention_mask")
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
     state = {"sum": None, "count": 0, "mask": None}
 
     def accumulate(module, args):

@@ -214,14 +214,14 @@ def convert(
         errors["output"] = errors["input"]
 
     layers: dict[str, dict[str, Any]] = {}
-    emb_name = names_of(model, emb)[0] if emb is not None else None
-    swaps = [(old, new) for old, new in ((emb, new_emb), (head, new_head)) if old is not None]
-    for role, old, new in (("input", emb, new_emb), ("output", head, new_head)):
-        if old is not None:
-            name, layers[name] = layer_entry(model, role, old, new, errors[role], emb_name if role == "output" and tied else None)
+    swaps = [(role, old, new) for role, old, new in (("input", emb, new_emb), ("output", head, new_head))
+             if old is not None]  # fmt: skip
+    for role, old, new in swaps:
+        tied_to = names_of(model, emb)[0] if role == "output" and tied else None
+        name, layers[name] = layer_entry(model, role, old, new, errors[role], tied_to)
     record = extended_record(model, settings, layers)
     untie = _shared_dense_weight(model) and modules != "both"
-    for old, new in swaps:
+    for _, old, new in swaps:
         replace_module(model, old, new)
     if untie:
         _untie_config(model, "lm_head" if modules == "output" else "input embedding", f"modules={modules!r}")

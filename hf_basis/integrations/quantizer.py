@@ -295,7 +295,9 @@ class HfBasisQuantizer(HfQuantizer):
         """The module this model has where the checkpoint's `saved_name` was, with or without the base-model
         prefix (as the loader maps tensor names)."""
         prefix = getattr(model, "base_model_prefix", "") or ""
-        candidates = [saved_name] + ([saved_name.removeprefix(prefix + "."), f"{prefix}.{saved_name}"] if prefix else [])
+        candidates = [saved_name]
+        if prefix:
+            candidates += [saved_name.removeprefix(prefix + "."), f"{prefix}.{saved_name}"]
         for name in candidates:
             try:
                 return model.get_submodule(name)
