@@ -21,8 +21,11 @@ def head_input_moment(
 
     Runs `model(**batch)` (or `model(batch)` for a tensor of input ids) on each batch in eval mode without gradients,
     moving tensors to the model's device, and averages h h^T over every token position; positions whose
-    `attention_mask` is 0 are left out. Stops after `max_tokens` positions if given. The model's training mode is
-    restored afterwards. Raises ValueError if no position was seen.
+    `attention_mask` is 0 are left out. In an encoder-decoder model (T5, BART) the output layer sees the decoder's
+    positions: there `decoder_attention_mask` is the mask (the encoder's `attention_mask` describes other positions),
+    and without one every decoder position counts. Stops after `max_tokens` positions if given. The model's training
+    mode is restored afterwards. Raises ValueError if no position was seen, or if the mask does not have one entry
+    per position the output layer sees.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
@@ -30,11 +33,19 @@ def head_input_moment(
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     device = next(model.parameters()).device
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
     state = {"sum": None, "count": 0, "mask": None}
 
     def accumulate(module, args):
         h = args[0].detach()
-        h = h.reshape(-1, h.shape[-1]) if state["mask"] is None else h[state["mask"]]
+        mask = state["mask"]
+        if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+            raise ValueError(
+                f"{mask_key} has shape {tuple(mask.shape)} but the output layer's input has {tuple(h.shape[:-1])} "
+                "positions: pass one mask entry per position the output layer sees"
+            )
+        h = h.reshape(-1, h.shape[-1]) if mask is None else h[mask]
         if max_tokens is not None:
             h = h[: max_tokens - state["count"]]
         h = h.double()
@@ -50,7 +61,7 @@ def head_input_moment(
                 if torch.is_tensor(batch):
                     batch = {"input_ids": batch}
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                mask = batch.get("attention_mask")
+                mask = batch.get(mask_key)
                 state["mask"] = mask.bool() if mask is not None else None
                 model(**batch)
                 if max_tokens is not None and state["count"] >= max_tokens:

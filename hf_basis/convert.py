@@ -1,57 +1,37 @@
-"""The patcher: swap a model's input embedding and output layer for compressed modules, in place.
+"""The patchers: swap a model's input embedding and output layer (`convert`), or every embedding (`quantize_embed`),
+for compressed modules, in place.
 
-`convert` finds the two modules by identity through `get_input_embeddings()` / `get_output_embeddings()`, builds
-every replacement first (k-means PQ or clipping, on the weights' device), and only then swaps them in, so an error
-leaves the model untouched. What was done is recorded in `model.hf_basis_config` (a JSON-serialisable dict).
+`convert` finds the two modules by identity through `get_input_embeddings()` / `get_output_embeddings()`; both
+patchers check every argument and build every replacement first (k-means PQ or clipping, on the weights' device),
+and only then swap them in, so an error leaves the model untouched. What was done is recorded in
+`model.hf_basis_config` through `hf_basis.integrations.record`, the record's one owner.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from hf_basis.integrations.config import METHODS
+from hf_basis.integrations.fused_loss import install_fused_loss
+from hf_basis.integrations.record import (
+    COMPRESSED_MODULES, extended_record, layer_entry, names_of, replace_module, set_record,
+)  # fmt: skip
+from hf_basis.integrations.serialization import attach_quantization_config
 from hf_basis.modules.basis_embedding import BasisEmbedding
 from hf_basis.modules.basis_linear import BasisLinear
-from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear, quantize_embed
-from hf_basis.validation import as_row_weights, check_basis_shape, check_nbit
+from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
+from hf_basis.validation import (
+    as_row_weights, check_basis_shape, check_bool, check_choice, check_nbit, check_seed,
+)  # fmt: skip
 
-__all__ = ["convert", "quantize_embed", "COMPRESSED_MODULES"]
+__all__ = ["convert", "quantize_embed"]
 
-METHODS = ("basis", "quant")
-MODULE_CHOICES = ("both", "input", "output")
-COMPRESSED_MODULES = (BasisEmbedding, BasisLinear, QuantEmbedding, QuantLinear)
-
-
-def _is_alias(module: nn.Module | None, target: nn.Module) -> bool:
-    """`module` stands for `target`: the same object, or a layer of the same type holding the same weight tensor
-    (transformers 5 ties e.g. T5's `encoder.embed_tokens` to `shared` by parameter, not by module)."""
-    return module is target or (type(module) is type(target) and getattr(module, "weight", None) is target.weight)
-
-
-def _names_of(model: nn.Module, target: nn.Module) -> list[str]:
-    """Every attribute path under which `target` (or an alias of it) is reachable, shortest first."""
-    names = []
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():
-            if _is_alias(child, target):
-                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    return sorted(set(names), key=lambda n: (n.count("."), n))
-
-
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Point every reference to `old` (or an alias) inside `model` at `new`, and every other reference to its bias
-    parameter at the new bias (BERT's MLM head keeps `cls.predictions.bias` as the same tensor as the decoder's)."""
-    old_bias = getattr(old, "bias", None)
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if _is_alias(child, old):
-                setattr(parent, child_name, new)
-        for param_name, param in list(parent._parameters.items()):
-            if old_bias is not None and param is old_bias:
-                parent._parameters[param_name] = new.bias
+MODULE_CHOICES = ("both", "input", "output")  # what convert() takes; the record also knows quantize_embed's
 
 
 def _check_plain(module: nn.Module, base: type, role: str) -> None:
@@ -154,10 +134,10 @@ def convert(
 
     Tied input/output embeddings stay tied: both modules share one Codebook (or QuantizedTable).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if modules not in MODULE_CHOICES:
-        raise ValueError(f"modules must be one of {list(MODULE_CHOICES)}, got {modules!r}")
+    check_choice(method, "method", METHODS)
+    check_choice(modules, "modules", MODULE_CHOICES)
+    check_seed(seed)
+    check_bool(stochastic_round, "stochastic_round")
     for accessor in ("get_input_embeddings", "get_output_embeddings"):
         if not hasattr(model, accessor):
             raise TypeError(f"convert() needs a model with {accessor}() (a transformers PreTrainedModel)")
@@ -190,6 +170,19 @@ def convert(
         frequencies = _check_token_frequencies(token_frequencies, emb, head)
     if head_input_moment is not None:
         _check_head_input_moment(head_input_moment, method, head, tied)
+    settings = {
+        "method": method,
+        "num_basis": num_basis if method == "basis" else None,
+        "num_clusters": num_clusters if method == "basis" else None,
+        "nbit": nbit if method == "quant" else None,
+        "modules": modules,
+        "seed": seed,
+        "stochastic_round": stochastic_round if method == "quant" else None,
+        "tied": tied,
+        "token_frequency_weighted": frequencies is not None,
+        "activation_aware": head_input_moment is not None,
+    }
+    extended_record(model, settings, {})  # a clash with an earlier conversion is refused before any k-means
 
     # Build every replacement before touching the model: an error below leaves it as it was.
     new_emb = new_head = None
@@ -221,39 +214,136 @@ def convert(
         errors["output"] = errors["input"]
 
     layers: dict[str, dict[str, Any]] = {}
-    emb_names = _names_of(model, emb) if emb is not None else []
-    for role, old, new in (("input", emb, new_emb), ("output", head, new_head)):
-        if old is None:
-            continue
-        names = _names_of(model, old)
-        layers[names[0]] = {
-            "role": role,
-            "kind": type(new).__name__,
-            "aliases": names[1:],
-            "shape": list(old.weight.shape),
-            "dense_dtype": str(old.weight.dtype).removeprefix("torch."),
-            "relative_error": float(errors[role]),
-            "tied_to": emb_names[0] if (role == "output" and tied) else None,
-        }
-        _replace(model, old, new)
+    swaps = [(role, old, new) for role, old, new in (("input", emb, new_emb), ("output", head, new_head))
+             if old is not None]  # fmt: skip
+    for role, old, new in swaps:
+        tied_to = names_of(model, emb)[0] if role == "output" and tied else None
+        name, layers[name] = layer_entry(model, role, old, new, errors[role], tied_to)
+    record = extended_record(model, settings, layers)
+    untie = _shared_dense_weight(model) and modules != "both"
+    for _, old, new in swaps:
+        replace_module(model, old, new)
+    if untie:
+        _untie_config(model, "lm_head" if modules == "output" else "input embedding", f"modules={modules!r}")
+    _finish(model, record)
+    return model
 
-    model.hf_basis_config = {
-        "method": method,
-        "num_basis": num_basis if method == "basis" else None,
-        "num_clusters": num_clusters if method == "basis" else None,
-        "nbit": nbit if method == "quant" else None,
-        "modules": modules,
-        "seed": seed,
-        "stochastic_round": stochastic_round if method == "quant" else None,
-        "tied": tied,
-        "token_frequency_weighted": frequencies is not None,
-        "activation_aware": head_input_moment is not None,
-        "layers": layers,
-    }
-    # Imported here: hf_basis.integrations imports this module (compress-on-load), so a top-level import would cycle.
-    from hf_basis.integrations.fused_loss import install_fused_loss
-    from hf_basis.integrations.serialization import attach_quantization_config
 
+def quantize_embed(
+    module: nn.Module, nbit: int = 32, *, stochastic_round: bool = False, seed: int | None = None
+) -> nn.Module:
+    """Replace every nn.Embedding inside `module` by a QuantEmbedding (SmallFry's helper), in place.
+
+    Keeps padding_idx, device and dtype. An embedding reachable under several names, or several nn.Embedding holding
+    one weight (T5's shared / encoder / decoder embeddings), becomes ONE QuantEmbedding referenced by all of them.
+    Subclasses of nn.Embedding that override forward (scaled or offset embeddings) are left alone with a warning,
+    since replacing them would change the model's outputs. Every argument is checked and every table built before
+    anything is replaced. On a transformers model the replaced layers are recorded (modules="embeddings"), so it
+    saves and loads like `convert(model, method="quant")`; a tied lm_head stays dense and is untied, with a warning.
+    Returns `module`, or its replacement if `module` itself is an nn.Embedding.
+    """
+    check_nbit(nbit)
+    check_bool(stochastic_round, "stochastic_round")
+    check_seed(seed, allow_none=True)
+
+    def replacement(emb: nn.Embedding) -> QuantEmbedding:
+        return QuantEmbedding(
+            emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+            emb.scale_grad_by_freq, emb.sparse, _weight=emb.weight, nbit=nbit,
+            stochastic_round=stochastic_round, seed=seed, dtype=emb.weight.dtype,
+        )  # fmt: skip
+
+    def own_forward(emb: nn.Module) -> bool:
+        return type(emb).forward is not nn.Embedding.forward
+
+    if isinstance(module, nn.Embedding) and not own_forward(module):
+        return replacement(module)
+    found: dict[int, nn.Embedding] = {}  # id(weight) -> the first embedding holding it
+    skipped: list[str] = []
+    for name, child in module.named_modules(remove_duplicate=False):  # a module registered twice is seen twice
+        if isinstance(child, nn.Embedding):
+            if own_forward(child):
+                skipped.append(f"{name or '<root>'} ({type(child).__name__})")
+            else:
+                found.setdefault(id(child.weight), child)
+    swaps = [(old, replacement(old)) for old in found.values()]
+    record = untie = None
+    if swaps and hasattr(module, "get_input_embeddings"):
+        settings = {
+            "method": "quant", "num_basis": None, "num_clusters": None, "nbit": nbit, "modules": "embeddings",
+            "seed": seed, "stochastic_round": stochastic_round, "tied": False, "token_frequency_weighted": False,
+            "activation_aware": False,
+        }  # fmt: skip
+        extended_record(module, settings, {})
+        emb = module.get_input_embeddings()
+        emb_weight = getattr(emb, "_parameters", {}).get("weight")
+        layers: dict[str, dict[str, Any]] = {}
+        for old, new in swaps:
+            role = "input" if emb_weight is not None and old.weight is emb_weight else "embedding"
+            name, layers[name] = layer_entry(module, role, old, new, new.table.relative_error, None)
+        record = extended_record(module, settings, layers)
+        untie = emb_weight is not None and id(emb_weight) in found and _shared_dense_weight(module)
+    for old, new in swaps:
+        replace_module(module, old, new)
+    if skipped:
+        warnings.warn(
+            "quantize_embed left these nn.Embedding subclasses with their own forward unchanged: " + ", ".join(skipped),
+            stacklevel=2,
+        )
+    if untie:
+        _untie_config(module, "input embedding", "quantize_embed")
+    if record is not None:
+        _finish(module, record)
+    return module
+
+
+def _shared_dense_weight(model: nn.Module) -> bool:
+    """The model's (still dense) input embedding and output layer hold one weight tensor."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(emb, "_parameters", {}).get("weight")
+    return weight is not None and getattr(head, "_parameters", {}).get("weight") is weight
+
+
+def _untie_config(model: nn.Module, compressed: str, how: str) -> None:
+    """After compressing one side of a tied pair the other side keeps the dense matrix: the two are no longer one
+    tensor. Say so, and make the config say so (transformers would otherwise tie them again on load), unless the
+    config class forces the tie (T5 in transformers 5: its loader ties `shared` and `lm_head` by name, which the
+    compressed head no longer has). Other ties the config governed (BERT's decoder.bias) become two tensors, as in a
+    model built untied, so that both are saved."""
+    dense = "input embedding" if compressed == "lm_head" else "lm_head"
+    untied = False
+    config = getattr(model, "config", None)
+    old_ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    if config is not None:
+        for cfg in {id(c): c for c in (config, config.get_text_config(decoder=True))}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+                if type(cfg).from_dict(cfg.to_dict()).tie_word_embeddings:
+                    cfg.tie_word_embeddings = True  # the class re-ties on load whatever is written: leave it
+                else:
+                    untied = True
+    if untied and hasattr(model, "get_expanded_tied_weights_keys"):
+        ties = model.get_expanded_tied_weights_keys(all_submodels=True)
+        state = model.state_dict(keep_vars=True)
+        for target, source in old_ties.items():
+            if target not in ties and target in state and state.get(source) is state[target]:
+                owner, _, attr = target.rpartition(".")
+                module = model.get_submodule(owner)
+                module._parameters[attr] = nn.Parameter(state[target].detach().clone(),
+                                                        requires_grad=state[target].requires_grad)  # fmt: skip
+        model.all_tied_weights_keys = ties
+    warnings.warn(
+        f"the input embedding and lm_head of {type(model).__name__} were tied; {how} compressed the {compressed} "
+        f"only, so the {dense} stays dense and the two are now untied"
+        + (" (config.tie_word_embeddings=False)" if untied else "")
+        + ". Use hf_basis.convert(model, modules='both') to compress both through one shared table and keep them tied",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _finish(model: nn.Module, record: dict[str, Any]) -> None:
+    """Store the record and make the model save, load and train as an hf_basis model."""
+    set_record(model, record)
     attach_quantization_config(model)  # quantization_config in config.json, tied-tensor names, atomic save, push
     install_fused_loss(model)  # training calls with labels go through the fused basis cross-entropy
-    return model

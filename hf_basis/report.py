@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_basis.integrations.record import COMPRESSED_MODULES, get_record
+
 __all__ = ["CompressionReport", "LayerReport", "report"]
 
 
@@ -106,9 +108,7 @@ def report(model: nn.Module) -> CompressionReport:
     one codebook after. Works on converted models and on compressed models loaded from disk
     (relative errors come from `model.hf_basis_config` when the conversion happened in this process).
     """
-    from hf_basis.convert import COMPRESSED_MODULES
-
-    recorded = getattr(model, "hf_basis_config", {}).get("layers", {})
+    recorded = (get_record(model) or {}).get("layers", {})
     seen: dict[int, str] = {}  # id(shared storage module) -> name of the first layer that holds it
     layers = []
     for name, module in model.named_modules():

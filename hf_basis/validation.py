@@ -6,10 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ALLOWED_NBITS", "MAX_CLUSTERS", "as_row_weights", "check_basis_shape", "check_nbit", "divisors"]
+__all__ = [
+    "ALLOWED_NBITS", "MAX_CLUSTERS", "as_row_weights", "check_basis_shape", "check_bool", "check_choice", "check_nbit",
+    "check_seed", "divisors", "is_int",
+]  # fmt: skip
 
 ALLOWED_NBITS = (1, 2, 4, 8, 16, 32)
 MAX_CLUSTERS = 32768  # codes are stored as int16 above 256 clusters
+
+
+def is_int(x: object) -> bool:
+    """A Python integer, not a bool (True == 1 would pass every range check and then break a tensor call)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def divisors(n: int) -> list[int]:
@@ -19,14 +27,14 @@ def divisors(n: int) -> list[int]:
 
 def check_basis_shape(num_embeddings: int, embedding_dim: int, num_basis: int, num_clusters: int) -> None:
     """Raise ValueError naming the argument and the allowed values when a basis codebook cannot have this shape."""
-    if not isinstance(num_basis, int) or num_basis < 1:
+    if not is_int(num_basis) or num_basis < 1:
         raise ValueError(f"num_basis must be a positive integer, got {num_basis!r}")
     if embedding_dim % num_basis != 0:
         raise ValueError(
             f"num_basis={num_basis} does not divide the hidden size {embedding_dim}; "
             f"num_basis must be one of its divisors: {divisors(embedding_dim)}"
         )
-    if not isinstance(num_clusters, int) or not 2 <= num_clusters <= min(num_embeddings, MAX_CLUSTERS):
+    if not is_int(num_clusters) or not 2 <= num_clusters <= min(num_embeddings, MAX_CLUSTERS):
         raise ValueError(
             f"num_clusters must be an integer in [2, {min(num_embeddings, MAX_CLUSTERS)}] "
             f"(at least 2, at most the vocabulary size {num_embeddings} and at most {MAX_CLUSTERS}), got {num_clusters!r}"
@@ -35,8 +43,26 @@ def check_basis_shape(num_embeddings: int, embedding_dim: int, num_basis: int, n
 
 def check_nbit(nbit: int) -> None:
     """Raise ValueError unless nbit is one of the SmallFry bit widths."""
-    if nbit not in ALLOWED_NBITS:
+    if not is_int(nbit) or nbit not in ALLOWED_NBITS:
         raise ValueError(f"nbit must be one of {list(ALLOWED_NBITS)}, got {nbit!r}")
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
+    """Raise ValueError unless `value` is one of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(value: object, name: str) -> None:
+    """Raise ValueError unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_seed(seed: object, *, allow_none: bool = False) -> None:
+    """Raise ValueError unless `seed` is an integer (or None where that means unseeded)."""
+    if not (is_int(seed) or (allow_none and seed is None)):
+        raise ValueError(f"seed must be an integer{' or None' if allow_none else ''}, got {seed!r}")
 
 
 def as_row_weights(values: torch.Tensor | Sequence[float], name: str) -> torch.Tensor:

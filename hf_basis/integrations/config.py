@@ -18,7 +18,7 @@ from typing import Any
 from transformers.quantizers import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_basis.validation import ALLOWED_NBITS, check_basis_shape
+from hf_basis.validation import ALLOWED_NBITS, check_basis_shape, is_int
 
 __all__ = ["BasisConfig", "FORMAT_VERSION", "QUANT_METHOD"]
 
@@ -27,11 +27,12 @@ QUANT_METHOD = "hf_basis"
 FORMAT_VERSION = 1
 
 METHODS = ("basis", "quant")
-MODULE_CHOICES = ("both", "input", "output")
+# "embeddings": every plain nn.Embedding of the model, as `hf_basis.quantize_embed` compresses them (method="quant").
+MODULE_CHOICES = ("both", "input", "output", "embeddings")
 KINDS = {
-    # method -> role -> module class name
+    # method -> role -> module class name ("embedding": an nn.Embedding other than the input one, quantize_embed)
     "basis": {"input": "BasisEmbedding", "output": "BasisLinear"},
-    "quant": {"input": "QuantEmbedding", "output": "QuantLinear"},
+    "quant": {"input": "QuantEmbedding", "output": "QuantLinear", "embedding": "QuantEmbedding"},
 }
 _LAYER_KEYS = ("role", "kind", "aliases", "shape", "dense_dtype", "relative_error", "tied_to")
 
@@ -45,10 +46,6 @@ def _version() -> str:
         return "0.1.0"
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 class BasisConfig(QuantizationConfigMixin):
     """Settings of an hf_basis compression, as stored under `quantization_config` in config.json.
 
@@ -58,10 +55,12 @@ class BasisConfig(QuantizationConfigMixin):
         num_basis: method="basis": sub-vectors per word, B (default 8). Must divide the hidden size.
         num_clusters: method="basis": centroids per sub-space, K (default 256), 2 .. min(vocab, 32768).
         nbit: method="quant": bits per value (default 4), one of 1, 2, 4, 8, 16, 32.
-        modules: "both", "input" (embedding only) or "output" (lm_head only).
+        modules: "both", "input" (embedding only), "output" (lm_head only), or "embeddings" (method="quant": every
+            plain nn.Embedding, what `hf_basis.quantize_embed` compresses).
         tied: whether the compressed input and output layers share one table (set from the model; None when the
             config only describes how to compress a dense checkpoint).
-        seed: k-means++ / stochastic-rounding seed used by `hf_basis.convert`.
+        seed: k-means++ / stochastic-rounding seed used by `hf_basis.convert` (None: unseeded stochastic rounding of
+            `quantize_embed`).
         stochastic_round: method="quant": stochastic rounding when compressing.
         layers: {module name: {role, kind, aliases, shape, dense_dtype, relative_error, tied_to}} as recorded by
             `hf_basis.convert` in `model.hf_basis_config["layers"]`; None for a config that compresses on load.
@@ -124,9 +123,9 @@ class BasisConfig(QuantizationConfigMixin):
         if self.method == "basis":
             if self.nbit is not None:
                 raise ValueError("BasisConfig: nbit applies to method='quant' only; leave it unset for method='basis'")
-            if not _is_int(self.num_basis) or self.num_basis < 1:
+            if not is_int(self.num_basis) or self.num_basis < 1:
                 raise ValueError(f"BasisConfig: num_basis must be a positive integer, got {self.num_basis!r}")
-            if not _is_int(self.num_clusters) or not 2 <= self.num_clusters <= 32768:
+            if not is_int(self.num_clusters) or not 2 <= self.num_clusters <= 32768:
                 raise ValueError(
                     f"BasisConfig: num_clusters must be an integer in [2, 32768], got {self.num_clusters!r}"
                 )
@@ -136,13 +135,15 @@ class BasisConfig(QuantizationConfigMixin):
                     "BasisConfig: num_basis / num_clusters apply to method='basis' only; leave them unset for "
                     "method='quant' (use nbit)"
                 )
-            if not _is_int(self.nbit) or self.nbit not in ALLOWED_NBITS:
+            if not is_int(self.nbit) or self.nbit not in ALLOWED_NBITS:
                 raise ValueError(f"BasisConfig: nbit must be one of {list(ALLOWED_NBITS)}, got {self.nbit!r}")
         if self.tied is not None and not isinstance(self.tied, bool):
             raise ValueError(f"BasisConfig: tied must be true, false or null, got {self.tied!r}")
-        if not _is_int(self.seed):
+        if self.modules == "embeddings" and self.method != "quant":
+            raise ValueError("BasisConfig: modules='embeddings' (quantize_embed) applies to method='quant' only")
+        if not (is_int(self.seed) or (self.seed is None and self.method == "quant")):
             raise ValueError(f"BasisConfig: seed must be an integer, got {self.seed!r}")
-        if not _is_int(self.format_version) or self.format_version < 1:
+        if not is_int(self.format_version) or self.format_version < 1:
             raise ValueError(f"BasisConfig: format_version must be a positive integer, got {self.format_version!r}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
@@ -163,18 +164,21 @@ class BasisConfig(QuantizationConfigMixin):
             if missing:
                 raise ValueError(f"{where} lacks {missing}")
             role, kind, shape = layer["role"], layer["kind"], layer["shape"]
-            if role not in ("input", "output"):
-                raise ValueError(f"{where}: role must be 'input' or 'output', got {role!r}")
-            if role in roles:
+            allowed_roles = ("input", "embedding") if self.modules == "embeddings" else ("input", "output")
+            if role not in allowed_roles:
+                raise ValueError(
+                    f"{where}: role must be one of {list(allowed_roles)} for modules={self.modules!r}, got {role!r}"
+                )
+            if role in roles and role != "embedding":
                 raise ValueError(f"{where}: two layers have role {role!r} ({roles[role]!r} and {name!r})")
-            roles[role] = name
+            roles.setdefault(role, name)
             expected_kind = KINDS[self.method][role]
             if kind != expected_kind:
                 raise ValueError(
                     f"{where}: kind {kind!r} does not match method={self.method!r} and role={role!r} "
                     f"(expected {expected_kind!r})"
                 )
-            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(is_int(s) and s > 0 for s in shape)):
                 raise ValueError(f"{where}: shape must be [num_embeddings, embedding_dim], got {shape!r}")
             if self.method == "basis":
                 try:
@@ -183,8 +187,8 @@ class BasisConfig(QuantizationConfigMixin):
                     raise ValueError(f"{where}: {e}") from None
             if not isinstance(layer.get("aliases", []), list):
                 raise ValueError(f"{where}: aliases must be a list of module names")
-        wanted = {"both": {"input", "output"}, "input": {"input"}, "output": {"output"}}[self.modules]
-        if set(roles) != wanted:
+        wanted = {"both": {"input", "output"}, "input": {"input"}, "output": {"output"}}.get(self.modules)
+        if wanted is not None and set(roles) != wanted:
             raise ValueError(
                 f"BasisConfig: modules={self.modules!r} needs layers with roles {sorted(wanted)}, "
                 f"but layers has {sorted(roles)}"

@@ -57,7 +57,7 @@ def model_card_section(model: nn.Module, repo_id: str | None = None) -> str:
         rep = None
     where = repo_id or "path/to/this/folder"
     which = {"both": "The input embedding and the output layer (lm_head)", "input": "The input embedding",
-             "output": "The output layer (lm_head)"}[cfg.modules]  # fmt: skip
+             "output": "The output layer (lm_head)", "embeddings": "The embedding layers"}[cfg.modules]  # fmt: skip
     tied = " (one table, shared by the tied input and output layers)" if cfg.tied else ""
     auto = auto_class_name(model)
     if cfg.method == "basis":
@@ -97,7 +97,7 @@ def model_card_section(model: nn.Module, repo_id: str | None = None) -> str:
     return f"""{SECTION_START}
 ## Compressed with hf_basis
 
-{which} of this model {"are" if cfg.modules == "both" else "is"} stored compressed by
+{which} of this model {"are" if cfg.modules in ("both", "embeddings") else "is"} stored compressed by
 [hf_basis](https://pypi.org/project/hf_basis/): {method}{tied}.
 Everything else is the original {type(model).__name__}.
 

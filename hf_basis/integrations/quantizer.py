@@ -34,6 +34,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantizer
 
 from hf_basis.integrations.config import QUANT_METHOD, BasisConfig
+from hf_basis.integrations.record import set_record, storage_attr
 
 __all__ = ["HfBasisQuantizer", "CheckpointMismatchError"]
 
@@ -95,11 +96,6 @@ def _rename(name: str, saved_primary: str, primary: str) -> str | None:
     return name
 
 
-def _storage_attr(module: nn.Module) -> str:
-    """Name of the submodule holding the compressed table: 'codebook' (basis) or 'table' (quant)."""
-    return "codebook" if "codebook" in module._modules else "table"
-
-
 def _build_shell(cfg: BasisConfig, role: str, dense: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A compressed module on the meta device with the shapes a checkpoint of `cfg` holds for `dense`'s place."""
     from hf_basis.modules.basis_embedding import BasisEmbedding
@@ -107,7 +103,7 @@ def _build_shell(cfg: BasisConfig, role: str, dense: nn.Module, dtype: torch.dty
     from hf_basis.modules.quant_embedding import QuantEmbedding, QuantizedTable, QuantLinear
 
     meta = torch.device("meta")
-    if role == "input":
+    if role in ("input", "embedding"):
         V, D = dense.num_embeddings, dense.embedding_dim
         if cfg.method == "basis":
             return BasisEmbedding(V, D, cfg.num_basis, cfg.num_clusters, padding_idx=dense.padding_idx,
@@ -123,7 +119,7 @@ def _build_shell(cfg: BasisConfig, role: str, dense: nn.Module, dtype: torch.dty
 
 
 def _dense_shape(role: str, dense: nn.Module) -> tuple[int, int]:
-    if role == "input":
+    if role in ("input", "embedding"):
         return (dense.num_embeddings, dense.embedding_dim)
     return (dense.out_features, dense.in_features)
 
@@ -152,6 +148,16 @@ def _find_key(headers: dict[str, Any], key: str, prefix: str) -> str | None:
     return next((c for c in candidates if c in headers), None)
 
 
+def _stored_floats(storage: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The floating values a compressed table stores under `key` (centroids, levels; a 32-bit table's packed
+    bytes are float32 values), or None for integer codes."""
+    if tensor.is_floating_point():
+        return tensor
+    if key == "packed" and getattr(storage, "nbit", None) == 32:
+        return tensor.view(torch.float32)
+    return None
+
+
 class HfBasisQuantizer(HfQuantizer):
     """transformers quantizer for hf_basis checkpoints (see the module docstring for the two loading paths)."""
 
@@ -161,8 +167,9 @@ class HfBasisQuantizer(HfQuantizer):
         if isinstance(quantization_config, dict):
             quantization_config = BasisConfig(**quantization_config)
         super().__init__(quantization_config, **kwargs)
-        self._shells: dict[str, nn.Module] = {}
-        self._pending: list[tuple[nn.Module, str, str]] = []
+        self._shells: dict[str, nn.Module] = {}  # saved layer name -> its compressed module
+        self._roles: dict[str, str] = {}
+        self._pending: list[tuple[nn.Module, str, str, str | None]] = []
         self._shared: list[tuple[nn.Module, str, bool, str]] = []
         self._checked_headers = False
 
@@ -197,15 +204,19 @@ class HfBasisQuantizer(HfQuantizer):
             return model  # a dense checkpoint: compressed after loading
         cfg = self.quantization_config
         self._shells: dict[str, nn.Module] = {}
-        self._pending: list[tuple[nn.Module, str, str]] = []  # (parent, attribute, what to put back)
+        # (parent, attribute, saved name of the shell to put back, its storage attribute or None for the shell)
+        self._pending: list[tuple[nn.Module, str, str, str | None]] = []
         self._shared: list[tuple[nn.Module, str, bool, str]] = []  # (module, attribute, is_param, source name)
+        self._roles: dict[str, str] = {}  # saved layer name -> role
         expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # checkpoint name -> (shape, dtype)
-        by_role = {info["role"]: (name, info) for name, info in cfg.layers.items()}
-        for role in ("input", "output"):
-            if role not in by_role:
-                continue
-            saved_name, info = by_role[role]
-            old = model.get_input_embeddings() if role == "input" else model.get_output_embeddings()
+        own_tables: list[str] = []  # checkpoint prefixes a tied head must not have (its table is the embedding's)
+        order = ("input", "output", "embedding")
+        for saved_name, info in sorted(cfg.layers.items(), key=lambda item: order.index(item[1]["role"])):
+            role = info["role"]
+            if role == "embedding":
+                old = self._find_embedding(model, saved_name)
+            else:
+                old = model.get_input_embeddings() if role == "input" else model.get_output_embeddings()
             if old is None:
                 if role == "input":
                     raise CheckpointMismatchError(
@@ -214,11 +225,11 @@ class HfBasisQuantizer(HfQuantizer):
                 # e.g. AutoModel on a causal-LM checkpoint: no head here, its tensors are unexpected keys.
                 logger.info("hf_basis: %s has no output layer; %s is not loaded", type(model).__name__, saved_name)
                 continue
-            base = nn.Embedding if role == "input" else nn.Linear
+            base = nn.Linear if role == "output" else nn.Embedding
             if not isinstance(old, base):
                 raise CheckpointMismatchError(
-                    f"hf_basis expected the {role} layer of {type(model).__name__} to be an {base.__name__}, "
-                    f"got {type(old).__name__}"
+                    f"hf_basis expected the {role} layer {saved_name} of {type(model).__name__} to be an "
+                    f"{base.__name__}, got {type(old).__name__}"
                 )
             if list(_dense_shape(role, old)) != list(info["shape"]):
                 raise CheckpointMismatchError(
@@ -246,13 +257,14 @@ class HfBasisQuantizer(HfQuantizer):
                     continue
                 if a in holder._modules:
                     holder._modules[a] = TiedPlaceholder(primary)
-                    self._pending.append((holder, a, f"#{role}"))
+                    self._pending.append((holder, a, saved_name, None))
             tied_to = info.get("tied_to") if role == "output" else None
-            if tied_to is not None and "input" in self._shells:
+            if tied_to is not None and tied_to in self._shells:
                 # The head's table is the embedding's: keep it out of the state dict until it is shared again.
-                storage = _storage_attr(shell)
+                storage = storage_attr(shell)
                 shell._modules[storage] = TiedPlaceholder(tied_to)
-                self._pending.append((shell, storage, f"#input.{storage}"))
+                self._pending.append((shell, storage, tied_to, storage))
+                own_tables.append(f"{saved_name}.{storage}.")
             for key, source in (info.get("shared_tensors") or {}).items():
                 # e.g. BERT's decoder.bias, saved once as cls.predictions.bias: loaded there, shared afterwards.
                 owner_name, _, attr = key.rpartition(".")
@@ -267,15 +279,33 @@ class HfBasisQuantizer(HfQuantizer):
                     )
                 self._shared.append((owner, attr, is_param, current))
                 expected[source] = (tuple(tensor.shape), tensor.dtype)
-            self._shells[role] = shell
+            self._shells[saved_name] = shell
+            self._roles[saved_name] = role
             for key, tensor in shell.state_dict(keep_vars=True).items():
                 expected[f"{saved_name}.{key}"] = (tuple(tensor.shape), tensor.dtype)
         self._retarget_tied_keys(model)
         headers = _read_headers(kwargs.get("checkpoint_files"))
         self._checked_headers = headers is not None
         if headers is not None:
-            self._check_headers(model, expected, headers)
+            self._check_headers(model, expected, headers, own_tables)
         return model
+
+    @staticmethod
+    def _find_embedding(model: nn.Module, saved_name: str) -> nn.Module | None:
+        """The module this model has where the checkpoint's `saved_name` was, with or without the base-model
+        prefix (as the loader maps tensor names)."""
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        candidates = [saved_name]
+        if prefix:
+            candidates += [saved_name.removeprefix(prefix + "."), f"{prefix}.{saved_name}"]
+        for name in candidates:
+            try:
+                return model.get_submodule(name)
+            except AttributeError:
+                continue
+        raise CheckpointMismatchError(
+            f"the checkpoint has a compressed embedding {saved_name!r} but {type(model).__name__} has no such module"
+        )
 
     def _retarget_tied_keys(self, model: nn.Module) -> None:
         """Keep only tie entries between parameters that still exist (the dense embedding/head ones are gone)."""
@@ -286,9 +316,18 @@ class HfBasisQuantizer(HfQuantizer):
             t: s for t, s in model.all_tied_weights_keys.items() if t in params and s in params
         }
 
-    def _check_headers(self, model: nn.Module, expected: dict, headers: dict) -> None:
+    def _check_headers(self, model: nn.Module, expected: dict, headers: dict, own_tables: list[str]) -> None:
         prefix = getattr(model, "base_model_prefix", "") or ""
         problems = []
+        for table in own_tables:
+            # quantization_config says the head shares the embedding's table, yet the checkpoint holds one of its
+            # own (e.g. "tied" edited into an untied checkpoint's config): loading would silently drop it.
+            own = sorted(k for k in headers if k.startswith(table) or k.startswith(f"{prefix}.{table}"))
+            if own:
+                problems.append(
+                    f"the output layer is declared tied to the input embedding (tied_to), but the checkpoint holds "
+                    f"its own table {own}"
+                )
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         for key, (shape, dtype) in expected.items():
             found = _find_key(headers, key, prefix)
@@ -319,17 +358,21 @@ class HfBasisQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------ after the weights load
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from hf_basis.convert import convert
+        from hf_basis.convert import convert, quantize_embed
         from hf_basis.integrations.serialization import attach_quantization_config
 
         if not self.pre_quantized:
-            convert(model, **self.quantization_config.convert_kwargs())
+            cfg = self.quantization_config
+            if cfg.modules == "embeddings":
+                quantize_embed(model, cfg.nbit, stochastic_round=bool(cfg.stochastic_round), seed=cfg.seed)
+            else:
+                convert(model, **cfg.convert_kwargs())
             self.quantization_config = model.config.quantization_config
             return model
         self._check_loaded(model)  # before the ties are restored: each loaded tensor is then seen once
         self._own_memory()
         self._restore_ties(model)
-        model.hf_basis_config = self._hf_basis_config_for(model)
+        set_record(model, self._hf_basis_config_for(model))
         self.quantization_config = attach_quantization_config(model)
         self._shells = {}
         from hf_basis.integrations.fused_loss import install_fused_loss
@@ -354,9 +397,8 @@ class HfBasisQuantizer(HfQuantizer):
                         module._buffers[name] = buffer.clone()
 
     def _restore_ties(self, model: nn.Module) -> None:
-        for parent, attr, what in self._pending:
-            role, _, storage = what[1:].partition(".")
-            real = self._shells[role]
+        for parent, attr, key, storage in self._pending:
+            real = self._shells[key]
             setattr(parent, attr, getattr(real, storage) if storage else real)
         for owner, attr, is_param, source in self._shared:
             tensor = model.get_parameter_or_buffer(source)
@@ -370,15 +412,24 @@ class HfBasisQuantizer(HfQuantizer):
         from hf_basis.modules.codebook import Codebook
 
         problems = []
-        for role, shell in self._shells.items():
+        for name, shell in self._shells.items():
             for key, tensor in shell.state_dict(keep_vars=True).items():
                 if tensor.device.type == "meta":
-                    problems.append(f"{role} layer tensor {key} was not loaded")
+                    problems.append(f"{name} tensor {key} was not loaded")
                 elif not self._checked_headers and not getattr(tensor, "_is_hf_initialized", False):
-                    problems.append(f"{role} layer tensor {key} is missing from the checkpoint")
+                    problems.append(f"{name} tensor {key} is missing from the checkpoint")
         if problems:
             raise CheckpointMismatchError("hf_basis: " + "; ".join(problems))
-        for role, shell in self._shells.items():
+        for name, shell in self._shells.items():
+            role = self._roles[name]
+            storage = getattr(shell, storage_attr(shell), None)
+            for key, tensor in (storage.state_dict(keep_vars=True).items() if storage is not None else ()):
+                values = _stored_floats(storage, key, tensor)
+                if values is not None and not bool(torch.isfinite(values).all()):
+                    raise CheckpointMismatchError(
+                        f"the checkpoint's {role} layer {name} holds NaN or infinite values in {key}: a compressed "
+                        "table must be finite (corrupted checkpoint)"
+                    )
             book = getattr(shell, "codebook", None)
             if isinstance(book, Codebook) and book.codes.numel():
                 lo, hi = int(book.codes.min()), int(book.codes.max())
@@ -395,21 +446,19 @@ class HfBasisQuantizer(HfQuantizer):
         record = cfg.to_hf_basis_config()
         layers = {}
         emb_name = None
-        for role in ("input", "output"):
-            shell = self._shells.get(role)
-            if shell is None:
-                continue
-            saved = next(info for info in cfg.layers.values() if info["role"] == role)
+        for saved_name, shell in self._shells.items():  # the input layer first
+            role = self._roles[saved_name]
             names = [n for n, _, _ in _all_names(model, shell)]
-            info = dict(saved, aliases=names[1:])
+            info = dict(cfg.layers[saved_name], aliases=names[1:])
             info.pop("shared_tensors", None)  # recomputed from the tensors by attach_quantization_config
             if role == "input":
                 emb_name = names[0]
-            else:
-                info["tied_to"] = emb_name if saved.get("tied_to") is not None and emb_name is not None else None
+            elif role == "output":
+                info["tied_to"] = emb_name if info.get("tied_to") is not None and emb_name is not None else None
             layers[names[0]] = info
         record["layers"] = layers
-        record["modules"] = "both" if len(layers) == 2 else next(iter(layers.values()))["role"]
+        if record["modules"] != "embeddings":
+            record["modules"] = "both" if len(layers) == 2 else next(iter(layers.values()))["role"]
         record["tied"] = any(info.get("tied_to") for info in layers.values())
         return record
 

@@ -26,15 +26,12 @@ import torch
 from torch import nn
 
 from hf_basis.integrations.config import BasisConfig
+from hf_basis.integrations.record import COMPRESSED_MODULES, get_record, replace_module, storage_attr
 
-__all__ = ["attach_quantization_config", "atomic_directory_write", "decompress", "save_pretrained"]
+__all__ = ["attach_quantization_config", "atomic_directory_write", "decompress", "dequantize", "save_pretrained"]
 
 # Weight files a new save replaces: files of an earlier save with other shard names must not survive it.
 _WEIGHT_FILE = re.compile(r"^(?:model|pytorch_model|adapter_model)\b.*\.(?:safetensors|bin)(?:\.index\.json)?$")
-
-
-def _storage_attr(module: nn.Module) -> str:
-    return "codebook" if "codebook" in module._modules else "table"
 
 
 def attach_quantization_config(model: nn.Module) -> BasisConfig:
@@ -43,7 +40,7 @@ def attach_quantization_config(model: nn.Module) -> BasisConfig:
     Reads `model.hf_basis_config` (adding to each layer the `shared_tensors` it finds, see below); returns the
     BasisConfig it set as `model.config.quantization_config`.
     """
-    record = getattr(model, "hf_basis_config", None)
+    record = get_record(model)
     if not record:
         raise ValueError("model has no hf_basis_config: call hf_basis.convert(model, ...) first")
     _declare_tied_tensors(model, record["layers"])
@@ -55,6 +52,7 @@ def attach_quantization_config(model: nn.Module) -> BasisConfig:
     if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == cfg.quant_method:
         quantizer.quantization_config = cfg
     model.save_pretrained = types.MethodType(save_pretrained, model)
+    model.dequantize = types.MethodType(dequantize, model)
     from hf_basis.integrations.hub import push_to_hub
 
     model.push_to_hub = types.MethodType(push_to_hub, model)
@@ -72,7 +70,8 @@ def _declare_tied_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -
 
     The {target: source} map goes to `model.all_tied_weights_keys` and, as exact-name patterns, to the instance's
     `_tied_weights_keys`: transformers' save_pretrained keeps one copy of shared tensors only for target names
-    matching those patterns (and refuses to save otherwise).
+    matching those patterns (and refuses to save otherwise). The model's own ties between tensors that are still one
+    tensor stay declared: a partial conversion leaves them dense (T5's embed_tokens / shared).
     """
     state = model.state_dict(keep_vars=True)
     by_storage: dict[tuple, list[str]] = {}
@@ -83,7 +82,7 @@ def _declare_tied_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -
     tied: dict[str, str] = {}
     for name, info in layers.items():
         module = model.get_submodule(name)
-        storage = _storage_attr(module)
+        storage = storage_attr(module)
         owned = {name, *(info.get("aliases") or [])}
         for alias in info.get("aliases") or []:
             tied.update({f"{alias}.{k}": f"{name}.{k}" for k in module.state_dict(keep_vars=True)})
@@ -104,6 +103,11 @@ def _declare_tied_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -
             info["shared_tensors"] = shared
         else:
             info.pop("shared_tensors", None)
+    dense_ties = {
+        t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+        if t in state and s in state and state[t] is state[s]
+    }  # fmt: skip
+    tied = dense_ties | tied
     model.all_tied_weights_keys = tied
     model._tied_weights_keys = {f"^{re.escape(t)}$": f"^{re.escape(s)}$" for t, s in tied.items()}
     # The same names, for save_pretrained to leave out and for Trainer's resume to accept as "missing": it then
@@ -128,6 +132,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         one(os.fspath(src), os.fspath(dst))
 
 
+def _working_directory_inside(folder: Path) -> bool:
+    """Whether the process's working directory is `folder` or inside it; False when it no longer exists (a save
+    to an absolute path must not depend on the launch folder of a long job still being there)."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return False
+    return Path(cwd).resolve().is_relative_to(folder)
+
+
 def atomic_directory_write(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(staging_dir)` into a fresh folder beside `save_directory`, then move it into place.
 
@@ -147,7 +161,7 @@ def atomic_directory_write(save_directory: str | os.PathLike, write: Callable[[P
         if not target.exists():
             os.replace(staging, target)
             return target
-        if Path.cwd().resolve().is_relative_to(target):
+        if _working_directory_inside(target):
             # Renaming the working directory away would strand the process in a deleted folder: replace the files
             # one by one instead (each replacement is atomic; stale weight files of an earlier save go last).
             written = {item.name for item in staging.iterdir()}
@@ -220,20 +234,19 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: A
 def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every hf_basis module by a dense nn.Embedding / nn.Linear holding its decoded weight, in place.
 
-    Tied layers share one dense Parameter again. Used by `model.dequantize()` on a model loaded by hf_basis.
+    Tied layers share one dense Parameter again. Used by `model.dequantize()`.
     """
-    from hf_basis.convert import COMPRESSED_MODULES, _replace
     from hf_basis.integrations.fused_loss import uninstall_fused_loss
 
     uninstall_fused_loss(model)
     found = [m for m in model.modules() if isinstance(m, COMPRESSED_MODULES)]
     users: dict[int, int] = {}
     for module in found:
-        key = id(getattr(module, _storage_attr(module)))
+        key = id(getattr(module, storage_attr(module)))
         users[key] = users.get(key, 0) + 1
     dense_weights: dict[int, nn.Parameter] = {}
     for module in found:
-        storage = getattr(module, _storage_attr(module))
+        storage = getattr(module, storage_attr(module))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         target = dtype or (storage.centroids.dtype if hasattr(storage, "centroids") else torch.float32)
@@ -255,9 +268,24 @@ def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                 new.bias = bias if isinstance(bias, nn.Parameter) and bias.dtype == target else nn.Parameter(
                     bias.detach().to(target).clone())
         new.weight = weight
-        _replace(model, module, new)
-    for attr in ("hf_basis_config", "save_pretrained", "push_to_hub", "_tied_weights_keys", "_keys_to_ignore_on_save"):
+        replace_module(model, module, new)
+    for attr in ("hf_basis_config", "save_pretrained", "push_to_hub", "dequantize", "_tied_weights_keys",
+                 "_keys_to_ignore_on_save"):  # fmt: skip
         model.__dict__.pop(attr, None)
     if hasattr(model, "get_expanded_tied_weights_keys"):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
     return model
+
+
+def dequantize(self: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """`model.dequantize()` for hf_basis models, loaded or converted in this process: dense layers again (see
+    `decompress`), no quantization_config left; returns the model."""
+    quantizer = getattr(self, "hf_quantizer", None)
+    if quantizer is not None:  # loaded: transformers' own path (its default dtype, then drops the quantizer)
+        self.__dict__.pop("dequantize", None)
+        return type(self).dequantize(self, dtype=dtype)
+    decompress(self, dtype=dtype)
+    config = getattr(self, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return self

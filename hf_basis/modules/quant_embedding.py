@@ -23,7 +23,7 @@ from hf_basis.compress.uniform import quantize_matrix
 from hf_basis.ops.quant_lookup import OUT_DTYPES, quant_lookup
 from hf_basis.validation import check_nbit
 
-__all__ = ["QuantEmbedding", "QuantLinear", "QuantizedTable", "quantize_embed"]
+__all__ = ["QuantEmbedding", "QuantLinear", "QuantizedTable"]
 
 # QuantLinear dequantizes this many weight elements at a time (32 MiB in fp16), so its scratch memory does not
 # grow with the vocabulary.
@@ -423,60 +423,3 @@ class QuantLinear(_Frozen):
     def extra_repr(self) -> str:
         bias = self.bias is not None
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, nbit={self.nbit}"
-
-
-def quantize_embed(
-    module: nn.Module, nbit: int = 32, *, stochastic_round: bool = False, seed: int | None = None
-) -> nn.Module:
-    """Replace every nn.Embedding inside `module` by a QuantEmbedding (SmallFry's helper), in place.
-
-    Keeps padding_idx, device and dtype. An nn.Embedding reachable under several names (T5's shared / encoder /
-    decoder embeddings) becomes ONE QuantEmbedding referenced by all of them. Subclasses of nn.Embedding that
-    override forward (scaled or offset embeddings) are left alone with a warning, since replacing them would change
-    the model's outputs. Returns `module`, or its replacement if `module` itself is an nn.Embedding.
-    """
-    check_nbit(nbit)
-    replacements: dict[int, QuantEmbedding] = {}
-    skipped: list[str] = []
-
-    def replacement(emb: nn.Embedding) -> QuantEmbedding:
-        if id(emb) not in replacements:
-            replacements[id(emb)] = QuantEmbedding(
-                emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
-                emb.scale_grad_by_freq, emb.sparse, _weight=emb.weight, nbit=nbit,
-                stochastic_round=stochastic_round, seed=seed, dtype=emb.weight.dtype,
-            )  # fmt: skip
-        return replacements[id(emb)]
-
-    def replaceable(child: nn.Module, name: str) -> bool:
-        if not isinstance(child, nn.Embedding):
-            return False
-        if type(child).forward is not nn.Embedding.forward:
-            skipped.append(f"{name} ({type(child).__name__})")
-            return False
-        return True
-
-    if replaceable(module, "<root>"):
-        return replacement(module)
-    visited: set[int] = set()
-    stack = [("", module)]
-    while stack:
-        prefix, parent = stack.pop()
-        if id(parent) in visited:
-            continue
-        visited.add(id(parent))
-        # parent._modules, not named_children(): the latter skips a module registered twice under one parent.
-        for name, child in list(parent._modules.items()):
-            path = f"{prefix}.{name}" if prefix else name
-            if child is None or isinstance(child, QuantEmbedding):
-                continue
-            if replaceable(child, path):
-                parent._modules[name] = replacement(child)
-            else:
-                stack.append((path, child))
-    if skipped:
-        warnings.warn(
-            "quantize_embed left these nn.Embedding subclasses with their own forward unchanged: " + ", ".join(skipped),
-            stacklevel=2,
-        )
-    return module

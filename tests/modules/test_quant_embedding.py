@@ -9,7 +9,8 @@ from torch import nn
 
 from hf_basis.compress.uniform import find_clip_threshold
 from hf_basis.modules import quant_embedding as qe
-from hf_basis.modules.quant_embedding import QuantEmbedding, QuantizedTable, QuantLinear, quantize_embed
+from hf_basis import quantize_embed
+from hf_basis.modules.quant_embedding import QuantEmbedding, QuantizedTable, QuantLinear
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
