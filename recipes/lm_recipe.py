@@ -9,6 +9,7 @@ Every field of ModelArguments, DataArguments, CompressionArguments and transform
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -316,6 +317,20 @@ def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts
     )
 
 
+@contextlib.contextmanager
+def _tensorboard_run(args: TrainingArguments, phase: str | None):
+    """--report_to tensorboard: each phase's Trainer logs to OUTPUT_DIR/runs/PHASE (one TensorBoard run a phase: the
+    Trainer counts steps from 0 in each), unless TENSORBOARD_LOGGING_DIR says where. Read when the Trainer is built."""
+    if phase is None or "tensorboard" not in (args.report_to or []) or "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(args.output_dir, "runs", phase)
+    try:
+        yield
+    finally:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
 def _learning_rate_after_switch(trainer, comp_args: CompressionArguments, training_args: TrainingArguments) -> float:
     """The first learning rate of the phase after the switch: where the dense phase's reduce_lr_on_plateau left it
     (--continue_learning_rate), else --compressed_learning_rate or --learning_rate."""
@@ -398,8 +413,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                           "eval_perplexity_before": trainer.evaluate()["eval_perplexity"]}
             if phase.after_switch and comp_args.compression != "none":
                 _convert(model, comp_args, datasets[0], token_counts)
-            trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
-                               comp_args if phase.after_switch else None)
+            with _tensorboard_run(args, phase.name if len(phases) > 1 else None):
+                trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
+                                   comp_args if phase.after_switch else None)
             if switch is not None and "eval_perplexity_after" not in switch:
                 switch["eval_perplexity_after"] = trainer.evaluate()["eval_perplexity"]
                 switch["converted"] = _describe_conversion(model, comp_args)

@@ -310,3 +310,38 @@ def test_learning_rate_after_the_switch():
     comp.compressed_learning_rate = None
     args.lr_scheduler_type = "linear"  # a schedule that decays to 0 by itself: nothing to continue
     assert _learning_rate_after_switch(dense_phase, comp, args) == 20.0
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[float]]:
+    """The scalars of the TensorBoard event files in `folder`, read from the TFRecord framing by hand (length, crc,
+    Event proto, crc), so the test does not trust the writer's own code."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    values: dict[str, list[float]] = {}
+    for name in os.listdir(folder):
+        data = (folder / name).read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                values.setdefault(value.tag, []).append(value.simple_value)
+    return values
+
+
+def test_report_to_tensorboard_writes_one_run_per_phase(tiny_corpus, tmp_path):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "tb"
+    train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--num_basis", "4",
+         "--num_clusters", "8", "--per_device_train_batch_size", "4", "--report_to", "tensorboard"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    assert sorted(os.listdir(out / "runs")) == ["basis", "dense"]
+    for phase in ("dense", "basis"):
+        logged = _tensorboard_scalars(out / "runs" / phase)
+        assert len(logged["train/loss"]) >= 2 and len(logged["eval/perplexity"]) >= 1
