@@ -19,7 +19,8 @@ class BasisEmbedding(nn.Module):
         embedding_dim: D, divisible by `num_basis`.
         num_basis: B, sub-vectors per word.
         num_clusters: K, centroids per sub-space.
-        padding_idx: if set, that row's output is exactly zero and gets no gradient (as in nn.Embedding).
+        padding_idx: if set, positions holding that id send no gradient to the centroids; the row keeps its value
+            (nn.Embedding's semantics: a trained [PAD], or a pad id shared with eos / unk, is returned as it is).
         codebook: an existing Codebook to share (tied embeddings); its shape must match.
 
     Forward: input_ids (...) long -> (..., D) in the centroids' dtype. Only the centroids train; codes are fixed.
@@ -83,10 +84,7 @@ class BasisEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The decoded dense (V, D) table, read-only. Built on every access: O(V*D) memory; for interop only."""
-        w = self.codebook.decode()
-        if self.padding_idx is not None:
-            w = w.index_fill(0, torch.tensor([self.padding_idx], device=w.device), 0)
-        return w
+        return self.codebook.decode()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)

@@ -92,11 +92,9 @@ class QuantizedTable(nn.Module):
         table.relative_error = diff / norm if norm > 0 else 0.0
         return table
 
-    def lookup(self, indices: torch.Tensor, dtype: torch.dtype, *, padding_idx: int | None = None) -> torch.Tensor:
-        """Rows `indices` (...) -> (..., D) in `dtype`; rows with id == padding_idx are zeros."""
-        return quant_lookup(
-            self.packed, self.levels, indices, self.nbit, self.embedding_dim, dtype, padding_idx=padding_idx
-        )
+    def lookup(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `indices` (...) -> (..., D) in `dtype`."""
+        return quant_lookup(self.packed, self.levels, indices, self.nbit, self.embedding_dim, dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (V, D) matrix in `dtype` (O(V * D) time and memory)."""
@@ -196,7 +194,8 @@ class QuantEmbedding(_Frozen):
 
     Args:
         num_embeddings, embedding_dim: V and D.
-        padding_idx: id whose output row is exactly zero (negative counts from the end, as in nn.Embedding).
+        padding_idx: the padding token's id (negative counts from the end), kept for interoperability: as in
+            nn.Embedding it only means "no gradient", which a frozen table never has, so its row is returned as stored.
         max_norm, norm_type, scale_grad_by_freq, sparse: nn.Embedding's; only the defaults are supported.
         _weight: (V, D) floating matrix to quantize.
         nbit: bits per value, one of 1, 2, 4, 8, 16, 32 (32: float32 stored as is, no quantization).
@@ -286,12 +285,11 @@ class QuantEmbedding(_Frozen):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Read-only dense (V, D) matrix in `output_dtype`, padding row zero; rebuilt on every access, O(V * D)."""
-        ids = torch.arange(self.num_embeddings, device=self.table.packed.device)
-        return self.table.lookup(ids, self.output_dtype, padding_idx=self.padding_idx)
+        """Read-only dense (V, D) matrix in `output_dtype`; rebuilt on every access, O(V * D)."""
+        return self.table.dequantize(self.output_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.table.lookup(input, self.output_dtype, padding_idx=self.padding_idx)
+        return self.table.lookup(input, self.output_dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantEmbedding:
         # The output dtype follows the floating dtype `fn` converts to (.half(), .to(torch.bfloat16), ...).
