@@ -13,7 +13,10 @@ Algorithm
 1. k-means++ seeding, batched over sub-spaces. It is inherently sequential in K (each pick depends on the previous
    ones) and costs O(K * S * d * B) for S seeding rows, so it runs on a random subsample of
    S = min(V, `_INIT_ROWS_PER_CLUSTER` * K) rows (the same rows for every sub-space). Lloyd's iterations then use all
-   V rows, so the subsample only affects where the iterations start.
+   V rows, so the subsample only affects where the iterations start. With `sample_weight` the subsample is S draws
+   proportional to the weights (with replacement; each distinct row then weighs its number of draws), so that it
+   stands for the weighted distribution: a uniform subsample would often leave out the few heavy rows that the
+   weights exist for, and they would not be seeded.
 2. Lloyd iterations: assign each sub-vector to its nearest centroid with the ||x||^2 - 2 x.c + ||c||^2 matmul trick,
    chunked over V so the (B, chunk, K) distance block stays under `_CHUNK_BYTES`; move each centroid to the mean of
    its points; re-seed empty clusters from the points farthest from their centroid (per sub-space).
@@ -143,12 +146,13 @@ def product_quantize(
 
         # k-means++ on a random subsample of rows (see _INIT_ROWS_PER_CLUSTER).
         num_init_rows = min(V, _INIT_ROWS_PER_CLUSTER * K)
-        if num_init_rows < V:
-            rows = torch.randperm(V, generator=generator, device=device)[:num_init_rows]
-            X_init = X[:, rows]  # (B, S, d)
-            w_init = None if weights is None else weights[rows]  # (S,)
-        else:
+        if num_init_rows == V:
             X_init, w_init = X, weights
+        elif weights is None:
+            X_init, w_init = X[:, torch.randperm(V, generator=generator, device=device)[:num_init_rows]], None
+        else:
+            rows, w_init = _weighted_draws(weights, num_init_rows, generator)  # (S',), (S',) with S' <= S
+            X_init = X[:, rows]  # (B, S', d)
         centroids = _kmeans_pp_init(X_init, K, generator, w_init)  # (B, K, d)
         del X_init, w_init
 
@@ -254,6 +258,21 @@ def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
 def _chunk_rows(B: int, K: int) -> int:
     """Rows per chunk so that a (B, chunk, K) fp32 block is at most _CHUNK_BYTES."""
     return max(1, _CHUNK_BYTES // (B * K * 4))
+
+
+def _weighted_draws(
+    weights: torch.Tensor, num_draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `num_draws` rows with replacement, proportional to weights (V,) >= 0 (not all 0).
+
+    Returns the distinct rows drawn (S',) and how many times each was drawn (S',) float32: k-means++ weighted by
+    those counts on those rows samples the weighted distribution of all V rows. Rows of weight 0 are never drawn.
+    """
+    cum = weights.double().cumsum(0)  # (V,); float64 so that light rows keep their share of a long sum
+    u = torch.rand(num_draws, generator=generator, device=weights.device, dtype=torch.float64) * cum[-1]
+    draws = torch.searchsorted(cum, u, right=True).clamp_(max=weights.shape[0] - 1)  # first row with cum > u
+    rows, counts = torch.unique(draws, return_counts=True)
+    return rows, counts.to(torch.float32)
 
 
 def _kmeans_pp_init(
