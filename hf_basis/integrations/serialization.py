@@ -240,7 +240,7 @@ def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         weight = dense_weights[id(storage)]
         if hasattr(module, "num_embeddings"):
             new = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-                               device="meta")  # fmt: skip
+                               max_norm=module.max_norm, norm_type=module.norm_type, device="meta")  # fmt: skip
         else:
             bias = getattr(module, "bias", None)
             new = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")

@@ -7,6 +7,7 @@ from torch import nn
 
 from hf_basis.modules.codebook import Codebook
 from hf_basis.ops.basis_embedding import basis_embedding
+from hf_basis.ops.embedding_max_norm import renorm_rows
 
 __all__ = ["BasisEmbedding"]
 
@@ -21,6 +22,8 @@ class BasisEmbedding(nn.Module):
         num_clusters: K, centroids per sub-space.
         padding_idx: if set, positions holding that id send no gradient to the centroids; the row keeps its value
             (nn.Embedding's semantics: a trained [PAD], or a pad id shared with eos / unk, is returned as it is).
+        max_norm, norm_type: nn.Embedding's: looked-up rows of p-norm above max_norm are returned scaled down to it
+            (`hf_basis.ops.embedding_max_norm`); the centroids themselves are not rewritten (other words share them).
         codebook: an existing Codebook to share (tied embeddings); its shape must match.
 
     Forward: input_ids (...) long -> (..., D) in the centroids' dtype. Only the centroids train; codes are fixed.
@@ -33,6 +36,8 @@ class BasisEmbedding(nn.Module):
         num_basis: int = 8,
         num_clusters: int = 256,
         padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
         *,
         codebook: Codebook | None = None,
         device: torch.device | str | None = None,
@@ -49,6 +54,8 @@ class BasisEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
+        self.max_norm = max_norm
+        self.norm_type = norm_type
         self.codebook = codebook
 
     @classmethod
@@ -64,19 +71,30 @@ class BasisEmbedding(nn.Module):
     ) -> tuple["BasisEmbedding", float]:
         """Compress an nn.Embedding (k-means PQ of its weight). Returns the module and the relative error.
 
+        Keeps padding_idx, max_norm and norm_type; a frozen embedding (weight.requires_grad False) gets frozen
+        centroids. scale_grad_by_freq and sparse (gradient options) are refused: the centroids' gradient has neither.
+
         sample_weight: optional (num_embeddings,) non-negative weight per row, e.g. each token's training-set
         frequency: weighted k-means spends the codebook's accuracy on the rows used most (see
         `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is given (nothing is fitted then).
         """
+        if embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError(
+                "BasisEmbedding supports neither scale_grad_by_freq nor sparse gradients; got "
+                f"scale_grad_by_freq={embedding.scale_grad_by_freq}, sparse={embedding.sparse}: set both to False"
+            )
         error = float("nan")
         if codebook is None:
             codebook, error = Codebook.from_weight(
                 embedding.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
             )
+            codebook.centroids.requires_grad_(embedding.weight.requires_grad)
         module = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
             padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
             codebook=codebook,
         )
         return module, error
@@ -87,10 +105,13 @@ class BasisEmbedding(nn.Module):
         return self.codebook.decode()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)
+        out = basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)
+        return out if self.max_norm is None else renorm_rows(out, self.max_norm, self.norm_type)
 
     def extra_repr(self) -> str:
         s = f"{self.num_embeddings}, {self.embedding_dim}"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}, norm_type={self.norm_type}"
         return s

@@ -192,8 +192,6 @@ def test_bad_arguments(tmp_path):
         QuantEmbedding(6, 4, _weight=w, embedding_file=tmp_path / "g.txt")
     with pytest.raises(ValueError, match="exactly one of"):
         QuantEmbedding(6, 4)
-    with pytest.raises(ValueError, match="max_norm"):
-        QuantEmbedding(6, 4, max_norm=1.0, _weight=w)
     with pytest.raises(ValueError, match="sparse"):
         QuantEmbedding(6, 4, sparse=True, _weight=w)
     with pytest.raises(ValueError, match="shape"):
