@@ -305,11 +305,11 @@ class QuantEmbedding(_Frozen):
         return self
 
     def extra_repr(self) -> str:
-        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        options = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         if self.max_norm is not None:
-            padding += f", max_norm={self.max_norm}, norm_type={self.norm_type}"
+            options += f", max_norm={self.max_norm}, norm_type={self.norm_type}"
         dtype = str(self.output_dtype).removeprefix("torch.")
-        return f"{self.num_embeddings}, {self.embedding_dim}{padding}, nbit={self.nbit}, dtype={dtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{options}, nbit={self.nbit}, dtype={dtype}"
 
 
 class QuantLinear(_Frozen):
