@@ -12,6 +12,7 @@ from hf_basis.modules.basis_linear import BasisLinear
 from hf_basis.modules.codebook import Codebook
 from hf_basis.models.lstm import LSTMLMConfig, LSTMLMForCausalLM
 from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
+from hf_basis.ops import basis_cross_entropy
 from hf_basis.report import report
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "LSTMLMForCausalLM",
     "QuantEmbedding",
     "QuantLinear",
+    "basis_cross_entropy",
     "convert",
     "head_input_moment",
     "quantize_embed",

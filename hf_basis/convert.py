@@ -202,8 +202,8 @@ def convert(
         quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
         if emb is not None:
             new_emb = QuantEmbedding(
-                emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, _weight=emb.weight.detach(),
-                nbit=nbit, dtype=emb.weight.dtype, **quant_kwargs,
+                emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, max_norm=emb.max_norm,
+                norm_type=emb.norm_type, _weight=emb.weight.detach(), nbit=nbit, dtype=emb.weight.dtype, **quant_kwargs,
             )
             errors["input"] = new_emb.table.relative_error
         if head is not None:

@@ -6,14 +6,17 @@ code[w, b] = index of the centroid nearest to its b-th sub-vector. Decoding conc
 
 All B sub-spaces are fitted at once: the data is laid out as X (B, V, d) and the codebooks as C (B, K, d), so every
 step of Lloyd's algorithm is one batched matmul / reduction instead of a Python loop over sub-spaces. Everything runs
-on the weight's device in float32, whatever the weight's dtype.
+on the weight's device in float32 (float64 for a float64 weight, whose precision float32 would silently drop).
 
 Algorithm
 ---------
 1. k-means++ seeding, batched over sub-spaces. It is inherently sequential in K (each pick depends on the previous
    ones) and costs O(K * S * d * B) for S seeding rows, so it runs on a random subsample of
    S = min(V, `_INIT_ROWS_PER_CLUSTER` * K) rows (the same rows for every sub-space). Lloyd's iterations then use all
-   V rows, so the subsample only affects where the iterations start.
+   V rows, so the subsample only affects where the iterations start. With `sample_weight` the subsample is S draws
+   proportional to the weights (with replacement; each distinct row then weighs its number of draws), so that it
+   stands for the weighted distribution: a uniform subsample would often leave out the few heavy rows that the
+   weights exist for, and they would not be seeded.
 2. Lloyd iterations: assign each sub-vector to its nearest centroid with the ||x||^2 - 2 x.c + ||c||^2 matmul trick,
    chunked over V so the (B, chunk, K) distance block stays under `_CHUNK_BYTES`; move each centroid to the mean of
    its points; re-seed empty clusters from the points farthest from their centroid (per sub-space).
@@ -64,13 +67,19 @@ def code_dtype(num_clusters: int) -> torch.dtype:
     return torch.uint8 if num_clusters <= 256 else torch.int16
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype k-means runs in for a weight of `dtype`: float32 (enough for fp16 / bf16 / fp32), float64 for
+    float64 (float32 would silently round a float64 model's rows)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class PQResult:
     """Output of `product_quantize`.
 
     codes: (V, num_basis) in `code_dtype(num_clusters)`, on the weight's device; codes[w, b] indexes centroids[b].
-    centroids: (num_basis, num_clusters, D // num_basis) float32, on the weight's device.
-    relative_error: ||W - reconstruct(codes, centroids)||_F / ||W||_F, computed exactly in float32
+    centroids: (num_basis, num_clusters, D // num_basis) float32 (float64 for a float64 weight), on weight's device.
+    relative_error: ||W - reconstruct(codes, centroids)||_F / ||W||_F, computed exactly in that dtype
         (0.0 for an all-zero W).
     iterations: Lloyd iterations run (0 when max_iter=0: k-means++ seeding plus one assignment).
     """
@@ -112,7 +121,7 @@ def product_quantize(
 
     Args:
         weight: (V, D) floating tensor (fp32/fp16/bf16/fp64); read only, never modified. Work is done on its device
-            in float32.
+            in float32, or float64 for a float64 weight.
         num_basis: number of sub-spaces B; must divide D (sub-vector width d = D // B).
         num_clusters: centroids K per sub-space, in [2, 32768]. May exceed V (surplus centroids copy existing rows).
         seed: seeds a torch.Generator on the weight's device: the same seed on the same device and input gives
@@ -126,7 +135,8 @@ def product_quantize(
             None (default): every row weighs the same.
 
     Returns:
-        PQResult with codes (V, B) in `code_dtype(K)`, centroids (B, K, d) float32 and the relative Frobenius error.
+        PQResult with codes (V, B) in `code_dtype(K)`, centroids (B, K, d) float32 (float64 for a float64 weight) and
+        the relative Frobenius error.
         `relative_error` is always the unweighted ||W - W_q||_F / ||W||_F, whatever `sample_weight`, so errors of
         weighted and unweighted runs compare directly.
     """
@@ -136,19 +146,20 @@ def product_quantize(
     weights = _check_sample_weight(sample_weight, V, device)  # (V,) float32 in [0, 1], or None
     with torch.no_grad(), _ieee_fp32_matmul(device):
         # (V, D) -> (V, B, d) -> (B, V, d): each sub-space's sub-vectors contiguous, so per-sub-space matmuls are bmm.
-        X = weight.detach().to(torch.float32).reshape(V, B, d).permute(1, 0, 2).contiguous()  # (B, V, d)
+        X = weight.detach().to(_work_dtype(weight.dtype)).reshape(V, B, d).permute(1, 0, 2).contiguous()  # (B, V, d)
 
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
         # k-means++ on a random subsample of rows (see _INIT_ROWS_PER_CLUSTER).
         num_init_rows = min(V, _INIT_ROWS_PER_CLUSTER * K)
-        if num_init_rows < V:
-            rows = torch.randperm(V, generator=generator, device=device)[:num_init_rows]
-            X_init = X[:, rows]  # (B, S, d)
-            w_init = None if weights is None else weights[rows]  # (S,)
-        else:
+        if num_init_rows == V:
             X_init, w_init = X, weights
+        elif weights is None:
+            X_init, w_init = X[:, torch.randperm(V, generator=generator, device=device)[:num_init_rows]], None
+        else:
+            rows, w_init = _weighted_draws(weights, num_init_rows, generator)  # (S',), (S',) with S' <= S
+            X_init = X[:, rows]  # (B, S', d)
         centroids = _kmeans_pp_init(X_init, K, generator, w_init)  # (B, K, d)
         del X_init, w_init
 
@@ -256,6 +267,21 @@ def _chunk_rows(B: int, K: int) -> int:
     return max(1, _CHUNK_BYTES // (B * K * 4))
 
 
+def _weighted_draws(
+    weights: torch.Tensor, num_draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `num_draws` rows with replacement, proportional to weights (V,) >= 0 (not all 0).
+
+    Returns the distinct rows drawn (S',) and how many times each was drawn (S',) float32: k-means++ weighted by
+    those counts on those rows samples the weighted distribution of all V rows. Rows of weight 0 are never drawn.
+    """
+    cum = weights.double().cumsum(0)  # (V,); float64 so that light rows keep their share of a long sum
+    u = torch.rand(num_draws, generator=generator, device=weights.device, dtype=torch.float64) * cum[-1]
+    draws = torch.searchsorted(cum, u, right=True).clamp_(max=weights.shape[0] - 1)  # first row with cum > u
+    rows, counts = torch.unique(draws, return_counts=True)
+    return rows, counts.to(torch.float32)
+
+
 def _kmeans_pp_init(
     X: torch.Tensor, K: int, generator: torch.Generator, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -275,7 +301,7 @@ def _kmeans_pp_init(
     device = X.device
     sub = torch.arange(B, device=device)  # (B,)
     centroids = X.new_empty(B, K, d)  # (B, K, d)
-    uniform_cum = torch.arange(1, S + 1, device=device, dtype=torch.float32).expand(B, S)  # (B, S)
+    uniform_cum = torch.arange(1, S + 1, device=device, dtype=X.dtype).expand(B, S)  # (B, S)
 
     def draw(mass: torch.Tensor) -> torch.Tensor:
         """One row per sub-space drawn proportional to mass (B, S) >= 0 -> (B,) indices."""
@@ -315,7 +341,7 @@ def _assign(X: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, tor
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # (B, 1, K)
     c_t = centroids.transpose(1, 2)  # (B, d, K)
     codes = torch.empty(B, V, dtype=torch.long, device=X.device)  # (B, V)
-    min_dist = torch.empty(B, V, dtype=torch.float32, device=X.device)  # (B, V)
+    min_dist = torch.empty(B, V, dtype=X.dtype, device=X.device)  # (B, V)
     chunk = _chunk_rows(B, K)
     for start in range(0, V, chunk):
         x = X[:, start : start + chunk]  # (B, n, d)
@@ -449,8 +475,9 @@ def relative_error(weight: torch.Tensor, codes: torch.Tensor, centroids: torch.T
     """||W - reconstruct(codes, centroids)||_F / ||W||_F for weight (V, D), codes (V, B), centroids (B, K, D/B)."""
     V, D = weight.shape
     B, _, d = centroids.shape
-    X = weight.detach().to(device=centroids.device, dtype=torch.float32).reshape(V, B, d).permute(1, 0, 2)
-    return _relative_error(X, centroids.float(), codes.to(centroids.device).long().t())
+    dtype = _work_dtype(weight.dtype)
+    X = weight.detach().to(device=centroids.device, dtype=dtype).reshape(V, B, d).permute(1, 0, 2)
+    return _relative_error(X, centroids.to(dtype), codes.to(centroids.device).long().t())
 
 
 def _relative_error(X: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> float:

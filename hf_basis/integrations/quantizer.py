@@ -107,9 +107,10 @@ def _build_shell(cfg: BasisConfig, role: str, dense: nn.Module, dtype: torch.dty
         V, D = dense.num_embeddings, dense.embedding_dim
         if cfg.method == "basis":
             return BasisEmbedding(V, D, cfg.num_basis, cfg.num_clusters, padding_idx=dense.padding_idx,
-                                  device=meta, dtype=dtype)  # fmt: skip
+                                  max_norm=dense.max_norm, norm_type=dense.norm_type, device=meta, dtype=dtype)
         table = QuantizedTable(V, D, cfg.nbit, device=meta)
-        return QuantEmbedding(V, D, padding_idx=dense.padding_idx, nbit=cfg.nbit, table=table, device=meta, dtype=dtype)
+        return QuantEmbedding(V, D, padding_idx=dense.padding_idx, max_norm=dense.max_norm, norm_type=dense.norm_type,
+                              nbit=cfg.nbit, table=table, device=meta, dtype=dtype)
     H, V = dense.in_features, dense.out_features
     has_bias = dense.bias is not None
     if cfg.method == "basis":

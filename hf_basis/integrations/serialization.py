@@ -240,10 +240,6 @@ def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
     uninstall_fused_loss(model)
     found = [m for m in model.modules() if isinstance(m, COMPRESSED_MODULES)]
-    users: dict[int, int] = {}
-    for module in found:
-        key = id(getattr(module, storage_attr(module)))
-        users[key] = users.get(key, 0) + 1
     dense_weights: dict[int, nn.Parameter] = {}
     for module in found:
         storage = getattr(module, storage_attr(module))
@@ -253,14 +249,11 @@ def decompress(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         if id(storage) not in dense_weights:
             with torch.no_grad():
                 w = storage.decode() if hasattr(storage, "decode") else storage.dequantize(torch.float32)
-                pad = getattr(module, "padding_idx", None)
-                if pad is not None and users[id(storage)] == 1:
-                    w[pad] = 0  # the compressed embedding outputs zeros there; a shared (tied) row stays as stored
             dense_weights[id(storage)] = nn.Parameter(w.detach().to(target).clone())
         weight = dense_weights[id(storage)]
         if hasattr(module, "num_embeddings"):
             new = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
-                               device="meta")  # fmt: skip
+                               max_norm=module.max_norm, norm_type=module.norm_type, device="meta")  # fmt: skip
         else:
             bias = getattr(module, "bias", None)
             new = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")

@@ -7,6 +7,7 @@ from torch import nn
 
 from hf_basis.modules.codebook import Codebook
 from hf_basis.ops.basis_embedding import basis_embedding
+from hf_basis.ops.embedding_max_norm import renorm_rows
 
 __all__ = ["BasisEmbedding"]
 
@@ -19,7 +20,10 @@ class BasisEmbedding(nn.Module):
         embedding_dim: D, divisible by `num_basis`.
         num_basis: B, sub-vectors per word.
         num_clusters: K, centroids per sub-space.
-        padding_idx: if set, that row's output is exactly zero and gets no gradient (as in nn.Embedding).
+        padding_idx: if set, positions holding that id send no gradient to the centroids; the row keeps its value
+            (nn.Embedding's semantics: a trained [PAD], or a pad id shared with eos / unk, is returned as it is).
+        max_norm, norm_type: nn.Embedding's: looked-up rows of p-norm above max_norm are returned scaled down to it
+            (`hf_basis.ops.embedding_max_norm`); the centroids themselves are not rewritten (other words share them).
         codebook: an existing Codebook to share (tied embeddings); its shape must match.
 
     Forward: input_ids (...) long -> (..., D) in the centroids' dtype. Only the centroids train; codes are fixed.
@@ -32,6 +36,8 @@ class BasisEmbedding(nn.Module):
         num_basis: int = 8,
         num_clusters: int = 256,
         padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
         *,
         codebook: Codebook | None = None,
         device: torch.device | str | None = None,
@@ -48,6 +54,8 @@ class BasisEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
+        self.max_norm = max_norm
+        self.norm_type = norm_type
         self.codebook = codebook
 
     @classmethod
@@ -63,19 +71,30 @@ class BasisEmbedding(nn.Module):
     ) -> tuple["BasisEmbedding", float]:
         """Compress an nn.Embedding (k-means PQ of its weight). Returns the module and the relative error.
 
+        Keeps padding_idx, max_norm and norm_type; a frozen embedding (weight.requires_grad False) gets frozen
+        centroids. scale_grad_by_freq and sparse (gradient options) are refused: the centroids' gradient has neither.
+
         sample_weight: optional (num_embeddings,) non-negative weight per row, e.g. each token's training-set
         frequency: weighted k-means spends the codebook's accuracy on the rows used most (see
         `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is given (nothing is fitted then).
         """
+        if embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError(
+                "BasisEmbedding supports neither scale_grad_by_freq nor sparse gradients; got "
+                f"scale_grad_by_freq={embedding.scale_grad_by_freq}, sparse={embedding.sparse}: set both to False"
+            )
         error = float("nan")
         if codebook is None:
             codebook, error = Codebook.from_weight(
                 embedding.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
             )
+            codebook.centroids.requires_grad_(embedding.weight.requires_grad)
         module = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
             padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
             codebook=codebook,
         )
         return module, error
@@ -83,16 +102,16 @@ class BasisEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The decoded dense (V, D) table, read-only. Built on every access: O(V*D) memory; for interop only."""
-        w = self.codebook.decode()
-        if self.padding_idx is not None:
-            w = w.index_fill(0, torch.tensor([self.padding_idx], device=w.device), 0)
-        return w
+        return self.codebook.decode()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)
+        out = basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)
+        return out if self.max_norm is None else renorm_rows(out, self.max_norm, self.norm_type)
 
     def extra_repr(self) -> str:
         s = f"{self.num_embeddings}, {self.embedding_dim}"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}, norm_type={self.norm_type}"
         return s

@@ -74,6 +74,7 @@ class BasisLinear(nn.Module):
         given (nothing is fitted then).
         input_moment: optional (H, H) second moment E[x x^T] of the layer's inputs: fit the codebook to the error of
         the outputs (`hf_basis.compress.activation_aware`). Not with `codebook`.
+        A frozen layer (weight / bias with requires_grad False) gets frozen centroids / bias.
         """
         error = float("nan")
         if codebook is None:
@@ -81,6 +82,7 @@ class BasisLinear(nn.Module):
                 linear.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight,
                 input_moment=input_moment,
             )
+            codebook.centroids.requires_grad_(linear.weight.requires_grad)
         elif input_moment is not None:
             raise ValueError("input_moment fits a new codebook; a given (shared) codebook is used as it is")
         module = cls(
@@ -90,6 +92,7 @@ class BasisLinear(nn.Module):
         if linear.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(linear.bias)
+            module.bias.requires_grad_(linear.bias.requires_grad)
         return module, error
 
     @property

@@ -9,6 +9,12 @@ dtype, device and `requires_grad`, but no storage: it holds the head's inputs (h
   * Any other use (`logits.float()`, `logits[:, -1]`, `torch.softmax(logits)`, printing, ...) goes through
     `__torch_function__`, which computes the real logits once with the differentiable basis_linear, caches them, and
     runs the op on them: user code that touches the logits stays correct (it only loses the memory saving).
+    Values first computed under `torch.no_grad()` (a token-accuracy metric) carry no graph: a later read with grad
+    enabled computes them again with their graph (and caches that), so a loss term added afterwards (distillation,
+    z-loss) still gets its gradients.
+  * `clone()` stays lazy. DDP with `find_unused_parameters=True` (the Trainer's default) passes every output
+    through `_DDPSink`, which clones each tensor under no_grad and then hands back the original of any output
+    without a grad_fn (this one): materialising there would build the T x V logits on every step for nothing.
   * Final-logit soft-capping as Gemma 2 writes it (`logits / cap`, `torch.tanh`, `* cap`) is recognised and stays
     lazy, recording `softcap = cap`; any other op in between materialises the partially transformed value.
   * A plain dtype conversion (`logits.float()`, `logits.to(torch.float32)`) stays lazy too and only changes the
@@ -45,6 +51,7 @@ _DIV = {_T.__truediv__, _T.div, torch.div, torch.true_divide, _T.true_divide}
 _MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul, torch.multiply, _T.multiply}
 _TANH = {torch.tanh, _T.tanh}
 _FLOAT, _TO = _T.float, _T.to
+_CLONE = {_T.clone, torch.clone}
 
 # Soft-capping stages: logits -> logits / cap -> tanh(logits / cap) -> cap * tanh(logits / cap)
 _PLAIN, _SCALED, _TANH_STAGE, _CAPPED = range(4)
@@ -82,8 +89,12 @@ class LazyLogits(torch.Tensor):
         return self._stage in (_PLAIN, _CAPPED) and self._value is None
 
     def materialize(self) -> torch.Tensor:
-        """The real logits (a plain tensor, differentiable w.r.t. hidden / centroids / bias), computed once."""
-        if self._value is None:
+        """The real logits (a plain tensor, differentiable w.r.t. hidden / centroids / bias), computed once.
+
+        Computed again, with their graph, when the cached values were computed under no_grad and grad is now on.
+        """
+        needs_graph = self.requires_grad and torch.is_grad_enabled()
+        if self._value is None or (needs_graph and self._value.grad_fn is None):
             logits = basis_linear(self.hidden, self.centroids, self.codes, self.bias)  # plain tensors in, plain out
             if self._stage >= _SCALED:
                 logits = logits / self._cap
@@ -99,9 +110,12 @@ class LazyLogits(torch.Tensor):
                           _cap=cap)
 
     def _cast(self, func, args, kwargs) -> "LazyLogits | None":
-        """The same lazy logits in another floating dtype if (func, args, kwargs) is a plain dtype conversion."""
+        """The same lazy logits (a new object) for `clone()`, or in another floating dtype if (func, args, kwargs)
+        is a plain dtype conversion."""
         if self._value is not None:
             return None
+        if func in _CLONE and len(args) == 1 and not kwargs:
+            return self._next(self._stage, self._cap)
         if func is _FLOAT and len(args) == 1 and not kwargs:
             dtype = torch.float32
         elif func is _TO and len(args) == 2 and not kwargs and isinstance(args[1], torch.dtype):

@@ -20,6 +20,7 @@ from torch import nn
 
 from hf_basis.compress.packing import pack_bits, packed_nbytes
 from hf_basis.compress.uniform import quantize_matrix
+from hf_basis.ops.embedding_max_norm import renorm_rows
 from hf_basis.ops.quant_lookup import OUT_DTYPES, quant_lookup
 from hf_basis.validation import check_nbit
 
@@ -32,7 +33,9 @@ _LINEAR_CHUNK_ELEMENTS = 1 << 24
 
 def _check_output_dtype(dtype: torch.dtype, name: str = "dtype") -> None:
     if dtype not in OUT_DTYPES:
-        raise ValueError(f"{name} must be one of {list(OUT_DTYPES)}, got {dtype}")
+        hint = (": the quantized table holds float32 values, so a float64 model would silently lose precision; "
+                "quantize a float32 copy (model.float())") if dtype == torch.float64 else ""
+        raise ValueError(f"{name} must be one of {list(OUT_DTYPES)}, got {dtype}{hint}")
 
 
 class QuantizedTable(nn.Module):
@@ -92,11 +95,9 @@ class QuantizedTable(nn.Module):
         table.relative_error = diff / norm if norm > 0 else 0.0
         return table
 
-    def lookup(self, indices: torch.Tensor, dtype: torch.dtype, *, padding_idx: int | None = None) -> torch.Tensor:
-        """Rows `indices` (...) -> (..., D) in `dtype`; rows with id == padding_idx are zeros."""
-        return quant_lookup(
-            self.packed, self.levels, indices, self.nbit, self.embedding_dim, dtype, padding_idx=padding_idx
-        )
+    def lookup(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `indices` (...) -> (..., D) in `dtype`."""
+        return quant_lookup(self.packed, self.levels, indices, self.nbit, self.embedding_dim, dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (V, D) matrix in `dtype` (O(V * D) time and memory)."""
@@ -196,8 +197,11 @@ class QuantEmbedding(_Frozen):
 
     Args:
         num_embeddings, embedding_dim: V and D.
-        padding_idx: id whose output row is exactly zero (negative counts from the end, as in nn.Embedding).
-        max_norm, norm_type, scale_grad_by_freq, sparse: nn.Embedding's; only the defaults are supported.
+        padding_idx: the padding token's id (negative counts from the end), kept for interoperability: as in
+            nn.Embedding it only means "no gradient", which a frozen table never has, so its row is returned as stored.
+        max_norm, norm_type: nn.Embedding's: looked-up rows of p-norm above max_norm are returned scaled down to it
+            (`hf_basis.ops.embedding_max_norm`; the frozen table is not rewritten).
+        scale_grad_by_freq, sparse: nn.Embedding's gradient options; must be False (the table has no gradient).
         _weight: (V, D) floating matrix to quantize.
         nbit: bits per value, one of 1, 2, 4, 8, 16, 32 (32: float32 stored as is, no quantization).
         embedding_file: GloVe text file (`word v1 ... vd` per line, no header) whose line i becomes row i.
@@ -234,10 +238,6 @@ class QuantEmbedding(_Frozen):
     ) -> None:
         super().__init__()
         check_nbit(nbit)
-        if max_norm is not None:
-            raise ValueError(
-                f"QuantEmbedding does not support max_norm (it cannot renormalise a frozen table), got {max_norm}"
-            )
         if scale_grad_by_freq or sparse:
             raise ValueError("QuantEmbedding has no gradients: scale_grad_by_freq and sparse must be False")
         given = [name for name, v in (("_weight", _weight), ("embedding_file", embedding_file), ("table", table))
@@ -277,6 +277,8 @@ class QuantEmbedding(_Frozen):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
+        self.max_norm = max_norm
+        self.norm_type = norm_type
         self.output_dtype = out_dtype
         self.table = table
 
@@ -286,12 +288,12 @@ class QuantEmbedding(_Frozen):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Read-only dense (V, D) matrix in `output_dtype`, padding row zero; rebuilt on every access, O(V * D)."""
-        ids = torch.arange(self.num_embeddings, device=self.table.packed.device)
-        return self.table.lookup(ids, self.output_dtype, padding_idx=self.padding_idx)
+        """Read-only dense (V, D) matrix in `output_dtype`; rebuilt on every access, O(V * D)."""
+        return self.table.dequantize(self.output_dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.table.lookup(input, self.output_dtype, padding_idx=self.padding_idx)
+        out = self.table.lookup(input, self.output_dtype)
+        return out if self.max_norm is None else renorm_rows(out, self.max_norm, self.norm_type)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantEmbedding:
         # The output dtype follows the floating dtype `fn` converts to (.half(), .to(torch.bfloat16), ...).
@@ -303,9 +305,11 @@ class QuantEmbedding(_Frozen):
         return self
 
     def extra_repr(self) -> str:
-        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        options = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        if self.max_norm is not None:
+            options += f", max_norm={self.max_norm}, norm_type={self.norm_type}"
         dtype = str(self.output_dtype).removeprefix("torch.")
-        return f"{self.num_embeddings}, {self.embedding_dim}{padding}, nbit={self.nbit}, dtype={dtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{options}, nbit={self.nbit}, dtype={dtype}"
 
 
 class QuantLinear(_Frozen):
@@ -351,9 +355,11 @@ class QuantLinear(_Frozen):
         if table is not None:
             if not isinstance(table, QuantizedTable):
                 raise TypeError(f"table must be a QuantizedTable, got {type(table).__name__}")
+            _check_output_dtype(dtype or torch.float32, "dtype")
             device = device if device is not None else table.packed.device
             dtype = dtype or torch.float32
         else:
+            _check_output_dtype(dtype or _weight.dtype, "QuantLinear's dtype (the weight's by default)")
             if tuple(_weight.shape) != (out_features, in_features):
                 raise ValueError(
                     f"_weight must have shape (out_features, in_features) = ({out_features}, {in_features}), "

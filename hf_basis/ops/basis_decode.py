@@ -39,22 +39,24 @@ def basis_decode_reference(P: torch.Tensor, codes: torch.Tensor, bias: torch.Ten
     """PyTorch decode: P (B, K, T), codes (V, B), bias (V,) or None -> logits (T, V) in P's dtype.
 
     One `embedding_bag(mode="sum")` over the flattened table P.view(B*K, T): word w is the bag of rows
-    b*K + code[w, b]. Accumulates in fp32.
+    b*K + code[w, b]. Accumulates in fp32 (fp64 for fp64 P).
     """
     _check_shapes(P, codes, bias)
     B, K, T = P.shape
+    acc_dtype = torch.promote_types(P.dtype, torch.float32)
     offsets = torch.arange(B, device=codes.device, dtype=torch.long) * K
     rows = codes.long() + offsets  # (V, B) row ids into P.view(B*K, T)
-    acc = torch.nn.functional.embedding_bag(rows, P.reshape(B * K, T).float(), mode="sum")  # (V, T) fp32
+    acc = torch.nn.functional.embedding_bag(rows, P.reshape(B * K, T).to(acc_dtype), mode="sum")  # (V, T)
     if bias is not None:
-        acc += bias.float()[:, None]
+        acc += bias.to(acc_dtype)[:, None]
     return acc.t().to(P.dtype).contiguous()
 
 
 def basis_decode_backward_reference(
     grad_logits: torch.Tensor, codes: torch.Tensor, num_clusters: int, need_bias_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """PyTorch backward of the decode: grad_logits (T, V) -> grad_P (B, K, T) fp32, grad_bias (V,) fp32 or None.
+    """PyTorch backward of the decode: grad_logits (T, V) -> grad_P (B, K, T), grad_bias (V,) or None, both fp32
+    (fp64 for fp64 grad_logits).
 
     grad_P row (b, k) is the sum of the transposed gradient's rows (V, T) over the words whose b-th code is k: one
     `embedding_bag(mode="sum")` whose bags are the segments of the cached CSR of the codes (`codes_csr`). No
@@ -62,7 +64,7 @@ def basis_decode_backward_reference(
     """
     V, B = codes.shape
     T = grad_logits.shape[0]
-    grad_t = grad_logits.t().float().contiguous()  # (V, T)
+    grad_t = grad_logits.t().to(torch.promote_types(grad_logits.dtype, torch.float32)).contiguous()  # (V, T)
     words, seg_offsets = codes_csr(codes, num_clusters)
     grad_P = torch.nn.functional.embedding_bag(words, grad_t, seg_offsets, mode="sum", include_last_offset=True)
     grad_bias = grad_t.sum(dim=1) if need_bias_grad else None

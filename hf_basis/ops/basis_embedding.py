@@ -15,7 +15,8 @@ def basis_embedding(
 
     One `F.embedding` over the flattened centroid table (B*K, d): its backward is PyTorch's embedding backward
     (a scatter into B*K rows, deterministic when deterministic algorithms are requested), so no V x D gradient
-    is ever formed. Rows at `padding_idx` are exactly zero and send no gradient, as in nn.Embedding.
+    is ever formed. As in nn.Embedding, `padding_idx` only stops gradients: positions holding it return the row's
+    own value (a trained [PAD], or a pad id shared with eos / unk) but send no gradient to the centroids.
     Token ids outside [0, V) raise IndexError (CPU) or a device-side assert (CUDA), as nn.Embedding does.
     """
     B, K, d = centroids.shape
@@ -25,5 +26,5 @@ def basis_embedding(
     out = F.embedding(rows, centroids.reshape(B * K, d))  # (..., B, d)
     out = out.reshape(*input_ids.shape, B * d)
     if padding_idx is not None:
-        out = out * (input_ids != padding_idx).unsqueeze(-1).to(out.dtype)
+        out = torch.where((input_ids == padding_idx).unsqueeze(-1), out.detach(), out)
     return out

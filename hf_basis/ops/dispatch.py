@@ -1,8 +1,9 @@
 """One place that decides whether an op runs its Triton kernel or its PyTorch reference.
 
 Triton runs on CUDA tensors when the `triton` package imports. `HF_BASIS_DISABLE_TRITON=1` forces the PyTorch path
-everywhere (debugging, or comparing against the reference). Tests call the Triton entry points directly on CPU
-tensors under `TRITON_INTERPRET=1`; the dispatch itself never sends CPU tensors to Triton.
+everywhere (debugging, or comparing against the reference). float64 tensors always take the PyTorch path: the
+kernels accumulate in float32, which would silently drop a float64 model's precision. Tests call the Triton entry points
+directly on CPU tensors under `TRITON_INTERPRET=1`; the dispatch itself never sends CPU tensors to Triton.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def triton_available() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels should handle these tensors (all on CUDA, Triton present, not disabled).
+    """Whether the Triton kernels should handle these tensors (all on CUDA, none float64, Triton present, not disabled).
 
     The environment variable is read on every call so that tests and users can flip it at run time.
     """
     if os.environ.get("HF_BASIS_DISABLE_TRITON", "0") not in ("", "0"):
         return False
-    return all(t.is_cuda for t in tensors) and triton_available()
+    return all(t.is_cuda and t.dtype != torch.float64 for t in tensors) and triton_available()

@@ -3,8 +3,8 @@
     out[t, c] = levels[field_c(packed[ids[t]])]        packed: (V, ceil(D * nbit / 8)) uint8, levels: (2^nbit,) fp32
     out[t, c] = float32 bits of field_c(...)            for nbit = 32 (the bytes are the float32 weights)
 
-The bit layout is `hf_basis.compress.packing`'s (row-wise little-endian stream). Rows whose id equals `padding_idx`
-come out as exact zeros. Only the looked-up rows are unpacked: the dense (V, D) table is never built.
+The bit layout is `hf_basis.compress.packing`'s (row-wise little-endian stream). Only the looked-up rows are unpacked:
+the dense (V, D) table is never built.
 
 This file holds the PyTorch reference (CPU path and test oracle), the Triton kernel and the dispatch between them.
 Measured on an H100 (benchmarks/benchmark_quant_embedding.py, 8192 tokens x 4096, fp16 out): 61-69% of the copy
@@ -60,8 +60,6 @@ def quant_lookup_reference(
     nbit: int,
     dim: int,
     out_dtype: torch.dtype,
-    *,
-    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """PyTorch lookup: packed (V, nbytes) uint8, levels (2^nbit,) fp32, indices (...) int -> (..., dim) out_dtype.
 
@@ -72,10 +70,7 @@ def quant_lookup_reference(
     rows = packed.index_select(0, flat)  # (N, nbytes)
     fields = unpack_bits(rows, nbit, dim)  # (N, dim) uint8 / int32
     values = fields.view(torch.float32) if nbit == 32 else levels[fields.long()]  # (N, dim) fp32
-    out = values.to(out_dtype)
-    if padding_idx is not None:
-        out.masked_fill_((flat == padding_idx)[:, None], 0)
-    return out.reshape(*indices.shape, dim)
+    return values.to(out_dtype).reshape(*indices.shape, dim)
 
 
 if triton is not None:
@@ -91,7 +86,6 @@ if triton is not None:
         num_rows,
         nbytes,
         dim,
-        padding_idx,  # -1 when there is none (never equal to a valid id)
         NBIT: tl.constexpr,
         PER_BYTE: tl.constexpr,  # fields per byte, 8 // NBIT below 8 bits
         BLOCK_T: tl.constexpr,
@@ -136,8 +130,7 @@ if triton is not None:
             floats = packed.to(tl.pointer_type(tl.float32))
             vals = tl.load(floats + tok[:, None] * dim + offs_d[None, :], mask=mask, other=0.0)
 
-        keep = mask_row & (tok != padding_idx)
-        vals = tl.where(keep[:, None], vals, 0.0)
+        vals = tl.where(mask_row[:, None], vals, 0.0)
         out_ptrs = out + offs_t.to(tl.int64)[:, None] * dim + offs_d[None, :]
         tl.store(out_ptrs, vals.to(out.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
@@ -159,8 +152,6 @@ def quant_lookup_triton(
     nbit: int,
     dim: int,
     out_dtype: torch.dtype,
-    *,
-    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """Triton lookup, same contract as `quant_lookup_reference`.
 
@@ -186,7 +177,7 @@ def quant_lookup_triton(
         grid = (triton.cdiv(flat.numel(), block_t), triton.cdiv(dim, block_d))
         _quant_lookup_kernel[grid](
             packed, table, flat, out, ok,
-            flat.numel(), num_rows, packed.shape[1], dim, -1 if padding_idx is None else padding_idx,
+            flat.numel(), num_rows, packed.shape[1], dim,
             NBIT=nbit, PER_BYTE=per_byte, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_B=block_d // per_byte,
             num_warps=num_warps,
         )  # fmt: skip
@@ -202,15 +193,13 @@ def quant_lookup(
     nbit: int,
     dim: int,
     out_dtype: torch.dtype,
-    *,
-    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """Quantized embedding lookup: packed (V, ceil(dim * nbit / 8)) uint8, levels (2^nbit,) fp32 ((0,) for
     nbit = 32), indices (...) int64/int32 -> (..., dim) in out_dtype (fp32, fp16 or bf16).
 
-    Rows with id == padding_idx are exact zeros. Runs the Triton kernel on CUDA, the PyTorch reference elsewhere
+    Runs the Triton kernel on CUDA, the PyTorch reference elsewhere
     (or everywhere with HF_BASIS_DISABLE_TRITON=1). Not differentiable: the table is frozen.
     """
     if use_triton(packed, levels, indices):
-        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype, padding_idx=padding_idx)
-    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype, padding_idx=padding_idx)
+        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype)
+    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)

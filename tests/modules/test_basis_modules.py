@@ -56,15 +56,25 @@ def test_embedding_forward_and_grad_match_dense():
     torch.testing.assert_close(book.centroids.grad, expected)
 
 
-def test_embedding_padding_row_is_zero_and_gets_no_grad():
+def test_embedding_padding_row_keeps_its_value_and_gets_no_grad_like_nn_embedding():
     book = random_codebook()
     emb = BasisEmbedding(53, 24, padding_idx=5, codebook=book)
-    ids = torch.tensor([[5, 5, 5]])
+    dense_w = dense_from(book).detach().requires_grad_(True)
+    ids = torch.tensor([[5, 3, 5, 17, 3]])
     out = emb(ids)
-    assert torch.equal(out, torch.zeros_like(out))
-    out.sum().backward()
-    assert torch.count_nonzero(book.centroids.grad) == 0
-    assert torch.equal(emb.weight[5], torch.zeros(24))
+    ref = F.embedding(ids, dense_w, padding_idx=5)  # nn.Embedding's lookup: row 5 as stored, no gradient
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.all(out[0, 0] != 0)
+    torch.testing.assert_close(emb.weight, dense_w.detach(), rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    assert torch.count_nonzero(dense_w.grad[5]) == 0
+    expected = torch.zeros_like(book.centroids)  # the dense gradient, summed per centroid through the codes
+    for w in range(53):
+        for b in range(4):
+            expected[b, int(book.codes[w, b])] += dense_w.grad[w, b * 6:(b + 1) * 6]
+    torch.testing.assert_close(book.centroids.grad, expected)
 
 
 def test_embedding_out_of_range_ids_raise_like_nn_embedding():

@@ -22,7 +22,7 @@ Args:
     nll (list of float): summed negative log-likelihood, in nats, of each piece of text (a token, a row, a batch).
     num_tokens (list of int): number of predicted tokens each `nll` entry covers (same length as `nll`).
 Returns:
-    perplexity (float): exp(sum(nll) / sum(num_tokens)).
+    perplexity (float): exp(sum(nll) / sum(num_tokens)); inf when that overflows a float (a mean NLL above ~709.78).
     loss (float): sum(nll) / sum(num_tokens), the mean cross-entropy per token in nats.
     num_tokens (int): sum(num_tokens).
 Examples:
@@ -47,4 +47,8 @@ class Perplexity(evaluate.Metric):
         if total_tokens <= 0:
             raise ValueError("perplexity needs at least one token (sum(num_tokens) > 0)")
         loss = float(np.sum(nll, dtype=np.float64)) / total_tokens
-        return {"perplexity": math.exp(loss), "loss": loss, "num_tokens": total_tokens}
+        try:
+            perplexity = math.exp(loss)
+        except OverflowError:  # a diverged model: mean NLL above log(float max) ~ 709.78 nats
+            perplexity = math.inf
+        return {"perplexity": perplexity, "loss": loss, "num_tokens": total_tokens}
