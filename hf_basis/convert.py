@@ -252,8 +252,10 @@ def convert(
     }
     # Imported here: hf_basis.integrations imports this module (compress-on-load), so a top-level import would cycle.
     from hf_basis.integrations.fused_loss import install_fused_loss
+    from hf_basis.integrations.model_methods import install_model_methods
     from hf_basis.integrations.serialization import attach_quantization_config
 
     attach_quantization_config(model)  # quantization_config in config.json, tied-tensor names, atomic save, push
     install_fused_loss(model)  # training calls with labels go through the fused basis cross-entropy
+    install_model_methods(model)  # resize_token_embeddings, num_parameters(exclude_embeddings=True)
     return model
