@@ -47,6 +47,10 @@ class DecodedWeight(torch.Tensor):
         weight = tensor.as_subclass(DecodedWeight)
         weight._owner = owner
         weight._trainable = tuple(trainable)
+        # Initialised already (from a dense layer or a checkpoint): transformers' guarded init functions
+        # (`transformers.initialization.normal_` etc., e.g. T5's `_init_weights` on `shared.weight` while loading)
+        # skip it instead of writing into it.
+        weight._is_hf_initialized = True
         return weight
 
     def _read_only_error(self) -> RuntimeError:

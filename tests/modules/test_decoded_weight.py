@@ -139,3 +139,14 @@ def test_saved_or_pickled_weight_is_a_plain_tensor():
     for restored in (torch.load(buffer), pickle.loads(pickle.dumps(weight))):
         assert type(restored) is torch.Tensor
         torch.testing.assert_close(restored, weight.detach(), rtol=0, atol=0)
+
+
+def test_transformers_guarded_init_skips_the_decoded_weight():
+    # T5's `_init_weights` calls `transformers.initialization.normal_(model.shared.weight)` while loading: the
+    # compressed layer is initialised already, so the guarded init must skip it rather than raise or write.
+    from transformers import initialization
+
+    model = converted("basis")
+    before = model.get_input_embeddings().weight.detach().clone()
+    initialization.normal_(model.get_input_embeddings().weight, mean=0.0, std=1.0)
+    torch.testing.assert_close(model.get_input_embeddings().weight, before, rtol=0, atol=0)
