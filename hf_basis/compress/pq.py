@@ -106,7 +106,9 @@ def encode(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """
     B, K, d = centroids.shape
     if rows.dim() != 2 or rows.shape[1] != B * d:
-        raise ValueError(f"rows must be (n, {B * d}) to be encoded with a ({B}, {K}, {d}) codebook, got {tuple(rows.shape)}")
+        raise ValueError(
+            f"rows must be (n, {B * d}) to be encoded with a ({B}, {K}, {d}) codebook, got {tuple(rows.shape)}"
+        )
     device = centroids.device
     with torch.no_grad(), _ieee_fp32_matmul(device):
         X = rows.detach().to(device, torch.float32).reshape(-1, B, d).permute(1, 0, 2).contiguous()  # (B, n, d)

@@ -54,14 +54,11 @@ class DecodedWeight(torch.Tensor):
         return weight
 
     def _read_only_error(self) -> RuntimeError:
-        kind = type(self._owner).__name__
-        how = (
-            "train its centroids (`codebook.centroids`)" if self._trainable else "it is frozen (quantized table)"
-        )
+        train = "train its centroids (`codebook.centroids`) or " if self._trainable else ""
         return RuntimeError(
-            f"{kind}.weight is decoded from the compressed table on every access, so writing to it would change "
-            f"nothing; it is read-only. To change the layer: {how}, or call model.dequantize() to get a dense "
-            "nn.Embedding / nn.Linear, edit that, and convert again."
+            f"{type(self._owner).__name__}.weight is decoded from the compressed table on every access, so writing "
+            f"to it would change nothing; it is read-only. To change the layer, {train}call model.dequantize() to "
+            "get a dense nn.Embedding / nn.Linear, edit that, and convert again."
         )
 
     @classmethod
@@ -86,11 +83,7 @@ class DecodedWeight(torch.Tensor):
     @requires_grad.setter
     def requires_grad(self, value: bool) -> None:
         if not self._trainable:
-            if value:
-                raise RuntimeError(
-                    f"{type(self._owner).__name__} is frozen: its quantized table has no trainable values. "
-                    "Use BasisEmbedding / BasisLinear (method='basis') to train a compressed layer."
-                )
+            self._owner.requires_grad_(bool(value))  # a frozen SmallFry module refuses True, with its own message
             return
         for p in self._trainable:
             p.requires_grad_(bool(value))

@@ -58,7 +58,8 @@ def test_growing_adds_the_compressed_mean_rows_keeps_the_rest_and_reloads(tmp_pa
     assert emb.num_embeddings == head.out_features == 310 and emb.weight.shape == head.weight.shape == (310, H)
     torch.testing.assert_close(emb.weight[:V], old_rows, rtol=0, atol=0)
     torch.testing.assert_close(head.weight[:V], old_head, rtol=0, atol=0)
-    for layer, dense_layer, old in ((emb, dense.get_input_embeddings(), old_rows), (head, dense.get_output_embeddings(), old_head)):
+    pairs = ((emb, dense.get_input_embeddings(), old_rows), (head, dense.get_output_embeddings(), old_head))
+    for layer, dense_layer, old in pairs:
         # transformers' added rows (the mean row up to 1e-9 of the covariance) are the mean of the old rows; the
         # compressed layer's added rows must be those, compressed with its unchanged codebook / levels.
         torch.testing.assert_close(dense_layer.weight[V:].detach(), old.mean(0).expand(10, H), rtol=0, atol=1e-3)
