@@ -18,6 +18,7 @@ from torch import nn
 
 from hf_basis.integrations.config import METHODS
 from hf_basis.integrations.fused_loss import install_fused_loss
+from hf_basis.integrations.model_methods import install_model_methods
 from hf_basis.integrations.record import (
     COMPRESSED_MODULES, extended_record, layer_entry, names_of, replace_module, set_record,
 )  # fmt: skip
@@ -347,3 +348,4 @@ def _finish(model: nn.Module, record: dict[str, Any]) -> None:
     set_record(model, record)
     attach_quantization_config(model)  # quantization_config in config.json, tied-tensor names, atomic save, push
     install_fused_loss(model)  # training calls with labels go through the fused basis cross-entropy
+    install_model_methods(model)  # resize_token_embeddings, num_parameters(exclude_embeddings=True)

@@ -41,6 +41,17 @@ def check_basis_shape(num_embeddings: int, embedding_dim: int, num_basis: int, n
         )
 
 
+def check_resize(num_embeddings: int, minimum: int, rows: int, width: int, new_rows: torch.Tensor | None) -> None:
+    """Raise ValueError unless a (rows, width) table can become `num_embeddings` rows (an int >= minimum) with
+    `new_rows`: None when it does not grow, else a (num_embeddings - rows, width) tensor."""
+    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < minimum:
+        raise ValueError(f"the new number of rows must be an integer >= {minimum}, got {num_embeddings!r}")
+    expected = (max(num_embeddings - rows, 0), width)
+    if (new_rows is None and num_embeddings > rows) or (new_rows is not None and tuple(new_rows.shape) != expected):
+        got = None if new_rows is None else tuple(new_rows.shape)
+        raise ValueError(f"resizing {rows} rows to {num_embeddings} needs new_rows of shape {expected}, got {got}")
+
+
 def check_nbit(nbit: int) -> None:
     """Raise ValueError unless nbit is one of the SmallFry bit widths."""
     if not is_int(nbit) or nbit not in ALLOWED_NBITS:

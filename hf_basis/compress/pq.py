@@ -43,7 +43,7 @@ import torch
 
 from hf_basis.validation import MAX_CLUSTERS, as_row_weights, divisors
 
-__all__ = ["PQResult", "code_dtype", "product_quantize", "reconstruct", "relative_error"]
+__all__ = ["PQResult", "code_dtype", "encode", "product_quantize", "reconstruct", "relative_error"]
 
 # Upper bound on one (B, chunk, K) fp32 distance block; the chunk over V is sized from it so memory stays bounded
 # whatever the vocabulary size.
@@ -105,6 +105,24 @@ def reconstruct(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     codes = codes.to(device=centroids.device, dtype=torch.long)  # uint8/int16 cannot index
     sub = torch.arange(B, device=centroids.device)
     return centroids[sub[None, :], codes].reshape(codes.shape[0], B * d)  # (V, B, d) -> (V, D)
+
+
+def encode(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Codes of new rows under a fixed codebook, the inverse of `reconstruct`: each sub-vector's nearest centroid.
+
+    rows: (n, D) floating; centroids: (B, K, d) with B * d = D. Returns (n, B) codes in `code_dtype(K)` on the
+    centroids' device (computed in float32).
+    """
+    B, K, d = centroids.shape
+    if rows.dim() != 2 or rows.shape[1] != B * d:
+        raise ValueError(
+            f"rows must be (n, {B * d}) to be encoded with a ({B}, {K}, {d}) codebook, got {tuple(rows.shape)}"
+        )
+    device = centroids.device
+    with torch.no_grad(), _ieee_fp32_matmul(device):
+        X = rows.detach().to(device, torch.float32).reshape(-1, B, d).permute(1, 0, 2).contiguous()  # (B, n, d)
+        codes, _ = _assign(X, centroids.detach().float())  # (B, n)
+    return codes.t().to(code_dtype(K)).contiguous()  # (n, B)
 
 
 def product_quantize(

@@ -25,6 +25,7 @@ __all__ = [
     "QuantizedMatrix",
     "find_clip_threshold",
     "index_dtype",
+    "nearest_levels",
     "quantize_matrix",
     "uniform_quantize",
 ]
@@ -161,6 +162,26 @@ def uniform_quantize(
         v = v.round_()
     indices = v.clamp_(0, 2**nbit - 1).to(index_dtype(nbit))
     return indices, _levels(nbit, r, x.device)
+
+
+def nearest_levels(x: torch.Tensor, levels: torch.Tensor, nbit: int) -> torch.Tensor:
+    """Index of the nearest entry of an existing level table for each value of x (new rows of a quantized matrix).
+
+    x: (n, D) floating; levels: float32 (2^nbit,) as `quantize_matrix` returns them (uniform, or the sorted distinct
+    values zero-padded: not necessarily sorted, so this searches them all), (0,) for nbit = 32. Returns (n, D)
+    indices in `index_dtype(nbit)`; for nbit = 32 the int32 bit pattern of x in float32, as `quantize_matrix`.
+    """
+    check_nbit(nbit)
+    w = x.detach().to(levels.device, torch.float32)
+    if nbit == 32:
+        return w.contiguous().view(torch.int32)
+    flat = w.reshape(-1)
+    indices = torch.empty(flat.shape, dtype=torch.long, device=flat.device)
+    step = max(1, _ERROR_CHUNK // levels.numel())  # values per chunk: a (step, 2^nbit) distance block
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step, None]  # (n_chunk, 1)
+        indices[start : start + step] = (chunk - levels[None, :]).abs().argmin(dim=1)
+    return indices.reshape(w.shape).to(index_dtype(nbit))
 
 
 @dataclass

@@ -95,15 +95,21 @@ def _has_labels(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return pos is not None and len(args) > pos and args[pos] is not None
 
 
-def _arm(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def _basis_heads(model: nn.Module) -> list[BasisLinear]:
+    """The BasisLinear output layer, also when a wrapper holds it: PEFT's `modules_to_save=["lm_head"]` puts the
+    head and its trainable copy inside a ModulesToSaveWrapper (arming both keeps whichever runs fused)."""
     head = model.get_output_embeddings()
-    if isinstance(head, BasisLinear):
-        head.lazy_logits = model.training and torch.is_grad_enabled() and _has_labels(model, args, kwargs)
+    return [] if head is None else [m for m in head.modules() if isinstance(m, BasisLinear)]
+
+
+def _arm(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    armed = model.training and torch.is_grad_enabled() and _has_labels(model, args, kwargs)
+    for head in _basis_heads(model):
+        head.lazy_logits = armed
 
 
 def _disarm(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
-    head = model.get_output_embeddings()
-    if isinstance(head, BasisLinear):
+    for head in _basis_heads(model):
         head.lazy_logits = False
 
 
@@ -148,6 +154,5 @@ def uninstall_fused_loss(model: nn.Module) -> None:
     loss = getattr(model, "_loss_function", None)
     if isinstance(loss, FusedCausalLMLoss):
         model.loss_function = loss.original
-    head = model.get_output_embeddings()
-    if isinstance(head, BasisLinear):
+    for head in _basis_heads(model):
         head.lazy_logits = False

@@ -377,8 +377,10 @@ class HfBasisQuantizer(HfQuantizer):
         self.quantization_config = attach_quantization_config(model)
         self._shells = {}
         from hf_basis.integrations.fused_loss import install_fused_loss
+        from hf_basis.integrations.model_methods import install_model_methods
 
         install_fused_loss(model)  # train like a model fresh from convert(): fused basis cross-entropy
+        install_model_methods(model)  # resize_token_embeddings, num_parameters as after convert()
         return model
 
     def _own_memory(self) -> None:

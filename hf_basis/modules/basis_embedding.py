@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hf_basis.modules.codebook import Codebook
+from hf_basis.modules.decoded_weight import DecodedWeight
 from hf_basis.ops.basis_embedding import basis_embedding
 from hf_basis.ops.embedding_max_norm import renorm_rows
 
@@ -100,9 +101,22 @@ class BasisEmbedding(nn.Module):
         return module, error
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The decoded dense (V, D) table, read-only. Built on every access: O(V*D) memory; for interop only."""
-        return self.codebook.decode()
+    def weight(self) -> DecodedWeight:
+        """The decoded dense (V, D) table. Built on every access: O(V*D) memory; for interop only.
+
+        Read-only (in-place writes raise); `weight.requires_grad_(False)` freezes the centroids (see DecodedWeight).
+        """
+        return DecodedWeight.wrap(self.codebook.decode(), self, (self.codebook.centroids,))
+
+    def resize_(self, num_embeddings: int, new_rows: torch.Tensor | None = None) -> None:
+        """Keep the first `num_embeddings` rows or append `new_rows` (see `Codebook.resize_`); a padding_idx that
+        no longer exists is dropped, as transformers does. With `new_rows=None` and a codebook that already has
+        `num_embeddings` rows (a tied layer resized it), only this layer's attributes follow."""
+        if self.codebook.num_embeddings != num_embeddings or new_rows is not None:
+            self.codebook.resize_(num_embeddings, new_rows)
+        self.num_embeddings = num_embeddings
+        if self.padding_idx is not None and self.padding_idx >= num_embeddings:
+            self.padding_idx = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = basis_embedding(input_ids, self.codebook.codes, self.codebook.centroids, self.padding_idx)

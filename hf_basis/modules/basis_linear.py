@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from hf_basis.modules.codebook import Codebook
+from hf_basis.modules.decoded_weight import DecodedWeight
 from hf_basis.modules.lazy_logits import LazyLogits
+from hf_basis.modules.resize import resize_bias_
 from hf_basis.ops.basis_linear import basis_linear
 
 __all__ = ["BasisLinear"]
@@ -96,9 +98,25 @@ class BasisLinear(nn.Module):
         return module, error
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The decoded dense (V, H) weight, read-only. Built on every access: O(V*H) memory; for interop only."""
-        return self.codebook.decode()
+    def weight(self) -> DecodedWeight:
+        """The decoded dense (V, H) weight. Built on every access: O(V*H) memory; for interop only.
+
+        Read-only (in-place writes raise); `weight.requires_grad_(False)` freezes the centroids, not the bias, as it
+        freezes an nn.Linear's weight and not its bias (see DecodedWeight).
+        """
+        return DecodedWeight.wrap(self.codebook.decode(), self, (self.codebook.centroids,))
+
+    def resize_(
+        self, out_features: int, new_rows: torch.Tensor | None = None, new_bias: torch.Tensor | None = None
+    ) -> None:
+        """Keep the first `out_features` output rows or append `new_rows` (see `Codebook.resize_`) and `new_bias`
+        (zeros if None). With `new_rows=None` and a codebook that already has `out_features` rows (the tied
+        embedding resized it), only the bias and this layer's attributes follow."""
+        if self.codebook.num_embeddings != out_features or new_rows is not None:
+            self.codebook.resize_(out_features, new_rows)
+        if self.bias is not None:
+            resize_bias_(self.bias, out_features, new_bias)
+        self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centroids = self.codebook.centroids

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from hf_basis.compress.activation_aware import refine_pq
-from hf_basis.compress.pq import code_dtype, product_quantize, reconstruct, relative_error
-from hf_basis.validation import check_basis_shape
+from hf_basis.compress.pq import code_dtype, encode, product_quantize, reconstruct, relative_error
+from hf_basis.validation import check_basis_shape, check_resize
 
 __all__ = ["Codebook"]
 
@@ -114,6 +114,19 @@ class Codebook(nn.Module):
     def decode(self) -> torch.Tensor:
         """The dense (V, D) matrix. Costs O(V*D) memory and time: for interoperability and inspection only."""
         return reconstruct(self.codes, self.centroids)
+
+    def resize_(self, num_embeddings: int, new_rows: torch.Tensor | None = None) -> None:
+        """Keep the first `num_embeddings` rows, or append `new_rows` (num_embeddings - V, D), each stored as the
+        codes of its nearest centroids (the centroids do not change). In place: every layer sharing this codebook
+        sees the new rows. Refused, before anything changes, below `num_clusters` rows (the shape a checkpoint of
+        this codebook must have)."""
+        # At least num_clusters rows: the shape check every checkpoint of this codebook goes through.
+        check_resize(num_embeddings, self.num_clusters, self.num_embeddings, self.embedding_dim, new_rows)
+        codes = self.codes[:num_embeddings]
+        if new_rows is not None and len(new_rows):
+            codes = torch.cat([codes, encode(new_rows, self.centroids).to(codes.device)])
+        self.codes = codes.contiguous()
+        self.num_embeddings = num_embeddings
 
     def nbytes(self) -> int:
         """Storage of the codebook: codes + centroids, in bytes."""

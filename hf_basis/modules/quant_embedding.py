@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_basis.compress.packing import pack_bits, packed_nbytes
-from hf_basis.compress.uniform import quantize_matrix
+from hf_basis.compress.uniform import nearest_levels, quantize_matrix
+from hf_basis.modules.decoded_weight import DecodedWeight
+from hf_basis.modules.resize import resize_bias_
 from hf_basis.ops.embedding_max_norm import renorm_rows
 from hf_basis.ops.quant_lookup import OUT_DTYPES, quant_lookup
-from hf_basis.validation import check_nbit
+from hf_basis.validation import check_nbit, check_resize
 
 __all__ = ["QuantEmbedding", "QuantLinear", "QuantizedTable"]
 
@@ -102,6 +104,16 @@ class QuantizedTable(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (V, D) matrix in `dtype` (O(V * D) time and memory)."""
         return self.lookup(torch.arange(self.num_embeddings, device=self.packed.device), dtype)
+
+    def resize_(self, num_embeddings: int, new_rows: torch.Tensor | None = None) -> None:
+        """Keep the first `num_embeddings` rows, or append `new_rows` (num_embeddings - V, D), each value stored as
+        its nearest existing level (the level table does not change). In place, so shared (tied) users follow."""
+        check_resize(num_embeddings, 1, self.num_embeddings, self.embedding_dim, new_rows)
+        packed = self.packed[:num_embeddings]
+        if new_rows is not None and len(new_rows):
+            packed = torch.cat([packed, pack_bits(nearest_levels(new_rows, self.levels, self.nbit), self.nbit)])
+        self.packed = packed.contiguous()
+        self.num_embeddings = num_embeddings
 
     def nbytes(self) -> int:
         """Bytes of storage: the packed indices plus the level table."""
@@ -287,9 +299,22 @@ class QuantEmbedding(_Frozen):
         return self.table.nbit
 
     @property
-    def weight(self) -> torch.Tensor:
-        """Read-only dense (V, D) matrix in `output_dtype`; rebuilt on every access, O(V * D)."""
-        return self.table.dequantize(self.output_dtype)
+    def weight(self) -> DecodedWeight:
+        """Read-only dense (V, D) matrix in `output_dtype`; rebuilt on every access, O(V * D).
+
+        In-place writes raise; `weight.requires_grad` is False and setting it True raises (see DecodedWeight).
+        """
+        ids = torch.arange(self.num_embeddings, device=self.table.packed.device)
+        return DecodedWeight.wrap(self.table.lookup(ids, self.output_dtype), self, ())
+
+    def resize_(self, num_embeddings: int, new_rows: torch.Tensor | None = None) -> None:
+        """Keep the first `num_embeddings` rows or append `new_rows` (see `QuantizedTable.resize_`); as
+        `BasisEmbedding.resize_` otherwise (padding_idx, a table already resized through a tied layer)."""
+        if self.table.num_embeddings != num_embeddings or new_rows is not None:
+            self.table.resize_(num_embeddings, new_rows)
+        self.num_embeddings = num_embeddings
+        if self.padding_idx is not None and self.padding_idx >= num_embeddings:
+            self.padding_idx = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = self.table.lookup(input, self.output_dtype)
@@ -412,6 +437,24 @@ class QuantLinear(_Frozen):
     @property
     def nbit(self) -> int:
         return self.table.nbit
+
+    @property
+    def weight(self) -> DecodedWeight:
+        """Read-only dense (out_features, in_features) weight in the bias' dtype (fp32 without a bias); rebuilt on
+        every access, O(V * H). In-place writes raise; `weight.requires_grad` is False (see DecodedWeight)."""
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        return DecodedWeight.wrap(self.table.dequantize(dtype), self, ())
+
+    def resize_(
+        self, out_features: int, new_rows: torch.Tensor | None = None, new_bias: torch.Tensor | None = None
+    ) -> None:
+        """Keep the first `out_features` rows or append `new_rows` (see `QuantizedTable.resize_`) and `new_bias`
+        (zeros if None); as `BasisLinear.resize_` otherwise."""
+        if self.table.num_embeddings != out_features or new_rows is not None:
+            self.table.resize_(out_features, new_rows)
+        if self.bias is not None:
+            resize_bias_(self.bias, out_features, new_bias)
+        self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
