@@ -1,7 +1,11 @@
-"""The `hf-basis` command line (issue 5, point 4); `hf-basis push` is exercised in test_hub_push.py."""
+"""The `hf-basis` command line (issue 5, point 4; issue 16, point 5; issue 15, points 8 and 17); `hf-basis push` to
+a working Hub is exercised in test_hub_push.py."""
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_basis
 from compressed_models import dense_model, inputs, logits
-from hf_basis.cli import main
+from hf_basis_cli import EXIT_FAILED, EXIT_INPUT, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +31,8 @@ def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
     assert exit_info.value.code == 0
-    assert "usage: hf-basis" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: hf-basis" in out and "exit codes: 0 success; 1" in out
 
 
 @pytest.mark.parametrize("arch", ["llama", "lstm"])
@@ -64,8 +69,99 @@ def test_convert_quant(tmp_path, capsys):
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     dense_model("gpt2", tie=True).save_pretrained(tmp_path / "dense")
-    assert main(["report", str(tmp_path / "dense")]) == 1
+    assert main(["report", str(tmp_path / "dense")]) == EXIT_INPUT
     assert "not an hf_basis checkpoint" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "out"), "--num-basis", "5"]) == 1
+    assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "out"), "--num-basis", "5"]) == EXIT_INPUT
     assert "num_basis=5 does not divide" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`hf-basis --help` used to import torch and transformers through hf_basis (8-9 s); now it imports neither."""
+    code = ("import sys, hf_basis_cli\n"
+            "for argv in (['--help'], ['convert', '--help'], ['convert']):\n"
+            "    try: hf_basis_cli.main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'hf_basis') if m in sys.modules))")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
+
+
+def test_convert_into_its_source_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`hf-basis convert D D` overwrote the dense checkpoint, then failed with SameFileError (issue 15, point 8)."""
+    dense = tmp_path / "dense"
+    dense_model("llama", tie=False).save_pretrained(dense)
+    (dense / "tokenizer_config.json").write_text("{}")
+    before = _snapshot(dense)
+    for out, flags in ((dense, []), (dense, ["--overwrite"]), (tmp_path / "." / "dense" / ".." / "dense", [])):
+        assert main(["convert", str(dense), str(out), *flags]) == EXIT_INPUT
+        assert "is SRC_DIR" in _error_line(capsys)
+        assert _snapshot(dense) == before and sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_convert_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    dense_model("llama", tie=False).save_pretrained(dense)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["convert", str(dense), str(out), "--num-basis", "4", "--num-clusters", "16"]
+    assert main(argv) == EXIT_INPUT
+    assert "exists; pass --overwrite" in _error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main([*argv, "--overwrite"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.hf_basis_config["num_basis"] == 4
+
+
+@pytest.mark.parametrize("src", ["./no/such/folder", "nowhere/a/b", "no-such-model-here"])
+def test_missing_source_is_one_line_exit_2(tmp_path, capsys, src, monkeypatch):
+    """A missing folder used to get transformers' "Repo id must be in the form ..." (issue 15, point 17)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", src, str(tmp_path / "out")]) == EXIT_INPUT
+    line = _error_line(capsys)
+    assert line.startswith("hf-basis convert: error:") and src in line and "Repo id must be" not in line
+    assert "does not exist" in line or "there is no folder" in line
+    assert not (tmp_path / "out").exists()
+    assert main(["report", src]) == EXIT_INPUT and src in _error_line(capsys)
+
+
+def test_unsupported_model_is_one_line_exit_2(tmp_path, capsys):
+    """BART's scaled embedding cannot be reproduced: a one-line refusal, not a traceback (issue 15, point 17)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                     scale_embedding=True)  # fmt: skip
+    BartForConditionalGeneration(cfg).save_pretrained(tmp_path / "bart")
+    assert main(["convert", str(tmp_path / "bart"), str(tmp_path / "out")]) == EXIT_INPUT
+    line = _error_line(capsys)
+    assert "own forward" in line and "ScaledWordEmbedding" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_network_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    """A Hub that cannot be reached used to give a raw httpx traceback."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hf_basis.convert(dense_model("llama", tie=False), num_basis=4, num_clusters=16).save_pretrained(tmp_path / "c")
+    assert main(["push", str(tmp_path / "c"), "user/tiny"]) == EXIT_FAILED
+    line = _error_line(capsys)
+    assert line.startswith("hf-basis push: error: push to user/tiny at http://127.0.0.1:") and "failed" in line

@@ -59,7 +59,7 @@ CLIENT = textwrap.dedent(
     result["still_first_version"] = torch.equal(logits(again, ids), logits(loaded, ids))
 
     # 3. the CLI: hf-basis push DIR REPO
-    from hf_basis.cli import main
+    from hf_basis_cli import main
     model.save_pretrained(out_dir)
     result["cli"] = main(["push", out_dir, "user/from-cli"])
     from_cli = AutoModelForCausalLM.from_pretrained("user/from-cli")
