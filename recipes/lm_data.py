@@ -1,8 +1,8 @@
 """Word-level language-modelling data for the recipes: corpora, tokenizer, token streams and their batch layouts.
 
     raw = load_corpus("ptb", data_dir="../shared/data/ptb")        # DatasetDict(train/validation/test), column "text"
-    tokenizer = build_tokenizer(raw["train"]["text"])              # WordLevel, "<unk>" = 0, "<eos>" = 1 after each line
-    ids = tokenize(raw, tokenizer)                                 # cached by datasets: a second run reads the cache
+    tokenizer = build_tokenizer(raw["train"]["text"])              # WordLevel, "<unk>" = 0, "<eos>" = 1
+    ids = tokenize(raw, tokenizer)                                 # "<eos>" after each line; cached by datasets
     stream = token_stream(ids["train"])                            # (N,) int64, the whole split as one stream
     BPTTBatches(stream, batch_size=20, bptt=35)                    # stateful layout (PyTorch's word_language_model)
     BlockDataset(stream, block_size=128)                           # independent blocks (shuffled by the Trainer)
@@ -25,7 +25,6 @@ from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 __all__ = [
@@ -103,20 +102,21 @@ def load_corpus(name: str, data_dir: str | None = None, cache_dir: str | None = 
 def _word_level(vocab: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel({word: i for i, word in enumerate(vocab)}, unk_token=UNK))
     backend.pre_tokenizer = WhitespaceSplit()
-    backend.post_processor = TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, vocab.index(EOS))])
+    # No post-processor: a prompt encodes to its words only (an appended <eos> would make generate() continue after
+    # an end of sentence); `tokenize` appends <eos> to every line of the training data.
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=EOS)
 
 
 def build_tokenizer(
     train_texts: Iterable[str] | None = None, *, vocab_file: str | None = None
 ) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: whitespace split, unknown words -> `<unk>`, `<eos>` appended to every line.
+    """A word-level tokenizer: whitespace split, unknown words -> `<unk>`; `tokenizer(text)` adds no `<eos>`.
 
     The vocabulary is either every word of `train_texts` (ids: `<unk>` = 0, `<eos>` = 1, then by decreasing count,
     ties by first appearance; deterministic, so cached tokenisations stay valid) or the words of `vocab_file`, one per
     line in id order (the first whitespace-separated field of each line; further fields such as counts are ignored;
     `<unk>` / `<eos>` are appended if the file lacks them). Save it with `save_pretrained` beside the model.
-    Pass `add_special_tokens=False` to encode a prompt without the trailing `<eos>`.
+    The training data's lines end in `<eos>` (`tokenize` appends it); a prompt encodes to its words only.
     """
     if (train_texts is None) == (vocab_file is None):
         raise ValueError("pass exactly one of train_texts and vocab_file")
@@ -143,7 +143,9 @@ ENCODE_CALLS = 0  # batches encoded in this process (the tests read it to check 
 def _encode(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerFast) -> dict[str, list[list[int]]]:
     global ENCODE_CALLS
     ENCODE_CALLS += 1
-    return {"input_ids": tokenizer(batch["text"])["input_ids"]}
+    # add_special_tokens=False: a tokenizer saved by an earlier version appends <eos> itself; this gives one either way.
+    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": [line + [tokenizer.eos_token_id] for line in ids]}
 
 
 def tokenize(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast, num_proc: int | None = None) -> DatasetDict:

@@ -33,14 +33,15 @@ def corpus_dir(tmp_path):
     return str(d)
 
 
-def test_tokenizer_word_level_with_eos(tmp_path):
+def test_tokenizer_word_level_prompts_without_eos(tmp_path):
+    """A prompt encodes to its words only: generate() must not continue after an appended <eos> (issue 16, 8)."""
     tok = build_tokenizer(LINES)
     assert tok.convert_tokens_to_ids(["<unk>", "<eos>", "the", "sat"]) == [0, 1, 2, 3]  # specials, then by count
     assert len(tok) == 2 + len({w for line in LINES for w in line.split()})
     ids = tok(" the cat flew ")["input_ids"]
-    assert ids == [2, tok.convert_tokens_to_ids("cat"), 0, 1]  # unknown word -> <unk>, <eos> appended
-    assert tok("", add_special_tokens=True)["input_ids"] == [1]  # an empty line is one <eos>
-    assert tok(" the cat ", add_special_tokens=False)["input_ids"] == [2, tok.convert_tokens_to_ids("cat")]
+    assert ids == [2, tok.convert_tokens_to_ids("cat"), 0]  # unknown word -> <unk>, no <eos>
+    assert tok(" the cat flew ", add_special_tokens=True)["input_ids"] == ids
+    assert tok("")["input_ids"] == []
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(" the cat flew ")["input_ids"] == ids
@@ -52,7 +53,7 @@ def test_tokenizer_from_dict_file(tmp_path):
     vocab.write_text("zebra 3\nthe 10\n<eos> 5\n")  # extra columns (counts) are ignored
     tok = build_tokenizer(vocab_file=str(vocab))
     assert tok.convert_tokens_to_ids(["zebra", "the", "<eos>", "<unk>"]) == [0, 1, 2, 3]
-    assert tok(" the cat ")["input_ids"] == [1, 3, 2]
+    assert tok(" the cat ")["input_ids"] == [1, 3]
     vocab.write_text("a\na\n")
     with pytest.raises(ValueError, match="twice"):
         build_tokenizer(vocab_file=str(vocab))
@@ -69,9 +70,11 @@ def test_load_corpus_from_files_and_cached_tokenisation(corpus_dir, tmp_path):
     first = tokenize(raw, tok)
     assert lm_data.ENCODE_CALLS == calls + 3  # one batch per split
     stream = token_stream(first["train"])
-    expected = [i for line in LINES for i in tok(line)["input_ids"]]
+    eos = tok.eos_token_id
+    expected = [i for line in LINES for i in [*tok(line)["input_ids"], eos]]  # the training data ends lines in <eos>
+    assert expected.count(eos) == len(LINES)
     assert stream.tolist() == expected and stream.dtype == torch.int64
-    picked = tok(LINES[1])["input_ids"] + tok(LINES[3])["input_ids"]
+    picked = tok(LINES[1])["input_ids"] + [eos] + tok(LINES[3])["input_ids"] + [eos]
     assert token_stream(first["train"].select([1, 3])).tolist() == picked
     assert token_stream(first["train"], max_tokens=5).tolist() == expected[:5]
     # A second run (new load, same files and vocabulary) reads the Arrow cache instead of encoding again.
