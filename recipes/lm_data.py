@@ -32,6 +32,7 @@ __all__ = [
     "BPTTBatches",
     "BlockDataset",
     "Corpus",
+    "CorpusNotFound",
     "build_tokenizer",
     "load_corpus",
     "token_stream",
@@ -40,6 +41,10 @@ __all__ = [
 
 UNK, EOS = "<unk>", "<eos>"
 SPLITS = ("train", "validation", "test")
+
+
+class CorpusNotFound(FileNotFoundError):
+    """The corpus can be read neither from the Hub nor from --data_dir; the message says how to point at files."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +89,24 @@ def load_corpus(name: str, data_dir: str | None = None, cache_dir: str | None = 
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
     corpus = CORPORA[name]
+    canonical = ", ".join(os.path.basename(p) for p in corpus.files(".").values())
     if data_dir is None:
-        raw = load_dataset(corpus.hub_id, corpus.hub_config, revision=corpus.hub_revision, cache_dir=cache_dir)
+        try:
+            raw = load_dataset(corpus.hub_id, corpus.hub_config, revision=corpus.hub_revision, cache_dir=cache_dir)
+        except OSError as err:  # ConnectionError (offline, unreachable), DatasetNotFoundError, ...
+            raise CorpusNotFound(
+                f"could not load {name} from the Hugging Face Hub ({corpus.hub_id}: {' '.join(str(err).split())}); "
+                f"to train from local files, pass the folder holding {canonical} as --data_dir DIR "
+                f'(make train ARGS="--data_dir DIR")'
+            ) from err
         if corpus.text_column != "text":
             raw = raw.rename_column(corpus.text_column, "text")
         return DatasetDict({split: raw[split].select_columns(["text"]) for split in SPLITS})
     files = corpus.files(data_dir)
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(
-            f"--data_dir {data_dir} must hold the canonical {name} files "
-            f"({', '.join(os.path.basename(p) for p in files.values())}); missing: {', '.join(missing)}"
+        raise CorpusNotFound(
+            f"--data_dir {data_dir} must hold the canonical {name} files ({canonical}); missing: {', '.join(missing)}"
         )
     return load_dataset("text", data_files=files, cache_dir=cache_dir)
 

@@ -86,6 +86,28 @@ def test_load_corpus_from_files_and_cached_tokenisation(corpus_dir, tmp_path):
     assert lm_data.ENCODE_CALLS == calls + 6
 
 
+def test_unreachable_corpus_is_one_line_that_names_data_dir(tmp_path, monkeypatch, capsys):
+    """Offline, `make train` printed a 70-line traceback twice and never mentioned --data_dir (issue 16, point 1).
+    conftest sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, so the Hub cannot be reached here."""
+    import train_ptb
+    import train_wikitext
+
+    with pytest.raises(lm_data.CorpusNotFound, match="ptb-text-only/ptb_text_only.*--data_dir DIR"):
+        load_corpus("ptb", cache_dir=str(tmp_path / "cache"))
+    for script, defaults, files in ((train_ptb, train_ptb.PTB_DEFAULTS, "ptb.train.txt, ptb.valid.txt, ptb.test.txt"),
+                                    (train_wikitext, train_wikitext.WIKITEXT_DEFAULTS, "wiki.train.tokens")):
+        monkeypatch.setattr(sys, "argv", [script.__file__, "--output_dir", str(tmp_path / "out"),
+                                          "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.run(defaults)
+        message = str(exit_info.value.code)  # sys.exit(str): printed on stderr, exit status 1
+        assert message.startswith("error: could not load") and "\n" not in message
+        assert files in message and 'make train ARGS="--data_dir DIR"' in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(lm_data.CorpusNotFound, match="ptb.train.txt"):
+        load_corpus("ptb", str(tmp_path / "nowhere"))  # a FileNotFoundError, as before
+
+
 def test_bptt_batches_read_each_column_in_order():
     stream = torch.arange(103)
     batches = BPTTBatches(stream, batch_size=4, bptt=5)
