@@ -165,3 +165,23 @@ def test_push_network_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert main(["push", str(tmp_path / "c"), "user/tiny"]) == EXIT_FAILED
     line = _error_line(capsys)
     assert line.startswith("hf-basis push: error: push to user/tiny at http://127.0.0.1:") and "failed" in line
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_folders_have_transformers_permissions(tmp_path, umask):
+    """Compressed saves came out 0700 (tempfile.mkdtemp) where transformers' own are 0777 & ~umask (issue 16, 6)."""
+    old = os.umask(umask)
+    try:
+        dense = dense_model("llama", tie=False)
+        dense.save_pretrained(tmp_path / "dense")  # plain transformers: the reference
+        hf_basis.convert(dense, num_basis=4, num_clusters=16).save_pretrained(tmp_path / "api")
+        assert main(["convert", str(tmp_path / "dense"), str(tmp_path / "cli"), "--num-basis", "4"]) == 0
+    finally:
+        os.umask(old)
+    expected = 0o777 & ~umask
+    assert (tmp_path / "dense").stat().st_mode & 0o777 == expected
+    for name in ("api", "cli"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected
+        for f in (tmp_path / name).iterdir():  # files as transformers writes them (its safetensors file is 0600)
+            reference = tmp_path / "dense" / (f.name if f.name != "README.md" else "config.json")
+            assert f.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777, f.name
