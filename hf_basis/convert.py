@@ -64,9 +64,12 @@ def _check_plain(module: nn.Module, base: type, role: str) -> None:
         raise TypeError(f"the {role} is a {type(module).__name__}, but convert() can only compress an {base.__name__}")
     if type(module).forward is not base.forward:
         # A subclass with its own forward (e.g. a scaled embedding) would silently lose that behaviour.
+        other = {"input embedding": "modules='output' compresses the output layer alone",
+                 "output layer": "modules='input' compresses the input embedding alone"}[role]  # fmt: skip
         raise NotImplementedError(
             f"the {role} is a {type(module).__name__}, a subclass of {base.__name__} with its own forward; "
-            "hf_basis does not know how to reproduce it, so it refuses instead of changing the model's outputs"
+            f"hf_basis does not know how to reproduce it, so it refuses instead of changing the model's outputs "
+            f"({other})"
         )
 
 

@@ -146,7 +146,7 @@ def test_unsupported_model_is_one_line_exit_2(tmp_path, capsys):
     BartForConditionalGeneration(cfg).save_pretrained(tmp_path / "bart")
     assert main(["convert", str(tmp_path / "bart"), str(tmp_path / "out")]) == EXIT_INPUT
     line = _error_line(capsys)
-    assert "own forward" in line and "ScaledWordEmbedding" in line
+    assert "own forward" in line and "ScaledWordEmbedding" in line and "modules='output' compresses" in line
     assert not (tmp_path / "out").exists()
 
 
