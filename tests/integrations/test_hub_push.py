@@ -110,7 +110,7 @@ def test_push_and_load_through_a_local_hub(tmp_path):
         assert set(hub.files("user/tiny", result["model_commit"])) >= {"config.json", "model.safetensors", "README.md"}
         card = files["README.md"].decode()
         for text in ("hf_basis", "basis embedding", "num_basis | `4`", "num_clusters | `16`", "x** on the compressed",
-                     "pip install hf_basis", "import hf_basis"):  # fmt: skip
+                     "python -m build", "import hf_basis"):  # fmt: skip
             assert text in card, text
         assert 'AutoModelForCausalLM.from_pretrained("user/tiny")' in card
 
