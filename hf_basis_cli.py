@@ -13,6 +13,7 @@ imported only once a command runs (hf_basis/cli.py holds the commands).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 __all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_OK", "build_parser", "main"]
@@ -87,6 +88,11 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run `hf-basis` with `argv` (default: sys.argv[1:]); returns the exit code (see EXIT_CODES)."""
     args = build_parser().parse_args(argv)  # bad options: usage + one line on stderr, SystemExit(2)
+    # What is being compressed (hf_basis' INFO lines) goes to stderr with the progress bars; stdout keeps the results.
+    log = logging.getLogger("hf_basis")
+    handler, level = logging.StreamHandler(sys.stderr), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         from hf_basis import cli  # the commands (imports torch and transformers)
 
@@ -108,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-basis {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return code
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ leaves the model untouched. What was done is recorded in `model.hf_basis_config`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from hf_basis.modules.basis_embedding import BasisEmbedding
 from hf_basis.modules.basis_linear import BasisLinear
 from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear, quantize_embed
+from hf_basis.progress import iteration_callback, progress_bar
 from hf_basis.validation import as_row_weights, check_basis_shape, check_nbit
 
 __all__ = ["convert", "quantize_embed", "COMPRESSED_MODULES"]
@@ -23,6 +25,8 @@ __all__ = ["convert", "quantize_embed", "COMPRESSED_MODULES"]
 METHODS = ("basis", "quant")
 MODULE_CHOICES = ("both", "input", "output")
 COMPRESSED_MODULES = (BasisEmbedding, BasisLinear, QuantEmbedding, QuantLinear)
+
+logger = logging.getLogger(__name__)
 
 
 def _is_alias(module: nn.Module | None, target: nn.Module) -> bool:
@@ -118,6 +122,14 @@ def _check_head_input_moment(moment, method: str, head: nn.Linear | None, tied: 
         raise ValueError("head_input_moment contains NaN or infinite values")
 
 
+def _kmeans_bar(model: nn.Module, layer: nn.Module | None):
+    """A progress bar over the k-means iterations of one layer (none for a layer that shares another's codebook)."""
+    if layer is None:
+        return progress_bar(disable=True)
+    V, H = layer.weight.shape
+    return progress_bar(desc=f"hf_basis k-means of {_names_of(model, layer)[0]} ({V} x {H})", unit="it")
+
+
 def convert(
     model: nn.Module,
     num_basis: int = 8,
@@ -197,17 +209,25 @@ def convert(
     # Build every replacement before touching the model: an error below leaves it as it was.
     new_emb = new_head = None
     errors: dict[str, float] = {}
+    for layer in (emb, head if not tied else None):
+        if layer is not None:
+            what = f"{num_basis} x {num_clusters} basis codes" if method == "basis" else f"{nbit}-bit values"
+            logger.info("hf_basis: compressing %s (%s x %s) into %s%s", _names_of(model, layer)[0],
+                        *layer.weight.shape, what, " (tied input and output)" if tied else "")  # fmt: skip
     if method == "basis":
         if emb is not None:
-            new_emb, errors["input"] = BasisEmbedding.from_embedding(
-                emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies
-            )
+            with _kmeans_bar(model, emb) as bar:
+                new_emb, errors["input"] = BasisEmbedding.from_embedding(
+                    emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies,
+                    progress=iteration_callback(bar),
+                )
         if head is not None:
             shared = new_emb.codebook if tied else None
-            new_head, errors["output"] = BasisLinear.from_linear(
-                head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies,
-                input_moment=head_input_moment,
-            )
+            with _kmeans_bar(model, head if not tied else None) as bar:
+                new_head, errors["output"] = BasisLinear.from_linear(
+                    head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies,
+                    input_moment=head_input_moment, progress=iteration_callback(bar),
+                )
     else:
         quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
         if emb is not None:

@@ -43,8 +43,10 @@ def test_convert_then_report(tmp_path, capsys, arch):
 
     argv = ["convert", str(tmp_path / "dense"), str(tmp_path / "out"), "--num-basis", "4", "--num-clusters", "16"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "BasisEmbedding" in out and "BasisLinear" in out and "total" in out
+    # Progress on stderr: each step, what is compressed (hf_basis' log) and the k-means bars.
+    assert "loading" in err and "saving to" in err and "into 4 x 16 basis codes" in err and "hf_basis k-means" in err
     assert (tmp_path / "out" / "tokenizer_config.json").exists() and (tmp_path / "out" / "README.md").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(logits(model, inputs()), logits(hf_basis.convert(dense, num_basis=4, num_clusters=16), inputs()))
