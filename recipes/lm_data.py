@@ -52,7 +52,7 @@ class Corpus:
     """Where a corpus lives on the Hub and how its canonical files are named."""
 
     hub_id: str
-    hub_config: str | None
+    hub_config: str | None  # the config's name (its folder on the `refs/convert/parquet` branch, which has no card)
     hub_revision: str | None
     text_column: str
     file_pattern: str  # with "{split}" in train / valid / test
@@ -64,7 +64,8 @@ class Corpus:
 
 # Hub ids (the defaults; the project's machines cannot reach the Hub, so tests and CI use --data_dir):
 # - PTB: the Hub copy's main branch is a loading script, which datasets >= 4 refuses; its auto-converted parquet
-#   branch `refs/convert/parquet` holds the same sentences (column "sentence").
+#   branch `refs/convert/parquet` holds the same sentences (column "sentence") as penn_treebank/{split}/0000.parquet,
+#   with no dataset card naming the config, so the config is read as a folder (data_dir), not by name.
 # - WikiText: Salesforce/wikitext, parquet, column "text" (one line per row, blank lines included).
 CORPORA: dict[str, Corpus] = {
     "ptb": Corpus(
@@ -92,7 +93,12 @@ def load_corpus(name: str, data_dir: str | None = None, cache_dir: str | None = 
     canonical = ", ".join(os.path.basename(p) for p in corpus.files(".").values())
     if data_dir is None:
         try:
-            raw = load_dataset(corpus.hub_id, corpus.hub_config, revision=corpus.hub_revision, cache_dir=cache_dir)
+            parquet_export = corpus.hub_revision == "refs/convert/parquet"
+            raw = load_dataset(
+                corpus.hub_id, None if parquet_export else corpus.hub_config,
+                data_dir=corpus.hub_config if parquet_export else None, revision=corpus.hub_revision,
+                cache_dir=cache_dir,
+            )  # fmt: skip
         except OSError as err:  # ConnectionError (offline, unreachable), DatasetNotFoundError, ...
             raise CorpusNotFound(
                 f"could not load {name} from the Hugging Face Hub ({corpus.hub_id}: {' '.join(str(err).split())}); "

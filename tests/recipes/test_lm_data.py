@@ -1,8 +1,11 @@
 """Recipe data and trainer pieces: word-level tokenizer, cached tokenisation, stream layouts (BPTT order, DDP split),
 the shipped perplexity metric, and BPTTTrainer's stateful evaluation."""
 
+import io
+import json
 import math
 import os
+import subprocess
 import sys
 
 import evaluate
@@ -22,6 +25,8 @@ from lm_data import BlockDataset, BPTTBatches, build_tokenizer, load_corpus, tok
 from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, SGDWithAdamGroups, token_nll  # noqa: E402
 
 LINES = [" the cat sat on the mat ", " the dog sat ", "", " a zebra ran "]
+TESTS = os.path.join(os.path.dirname(__file__), "..")
+RECIPES = os.path.join(TESTS, "..", "recipes")
 
 
 @pytest.fixture
@@ -106,6 +111,59 @@ def test_unreachable_corpus_is_one_line_that_names_data_dir(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
     with pytest.raises(lm_data.CorpusNotFound, match="ptb.train.txt"):
         load_corpus("ptb", str(tmp_path / "nowhere"))  # a FileNotFoundError, as before
+
+
+def _parquet(column: str, rows: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({column: rows}), buffer)
+    return buffer.getvalue()
+
+
+HUB_CLIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from lm_data import load_corpus
+print("RESULT " + json.dumps({name: {split: ds["text"][:] for split, ds in load_corpus(name, cache_dir=sys.argv[2]).items()}
+                              for name in ("ptb", "wikitext-2")}))
+"""
+
+
+@pytest.mark.slow
+def test_default_corpora_load_from_the_hub_layout(tmp_path):
+    """The recipes' default data path (no --data_dir) through datasets' real Hub client, against the local Hub
+    serving both corpora in the Hub's layout (issue 16, point 11): PTB's script-based main branch and its parquet
+    export (penn_treebank/{split}/0000.parquet, no dataset card), WikiText's parquet files named by the card's
+    `configs`. It found that PTB's config must be read as a folder of the export: by name, datasets refused it."""
+    from hub_server import HubServer
+
+    splits = ("train", "validation", "test")
+    ptb = {split: [f" {split} sentence one ", f" the {split} two "] for split in splits}
+    wiki = {split: [" = Title = ", "", f" {split} text @-@ here "] for split in splits}
+    card = "\n".join(["---", "configs:"] + [
+        line for cfg in ("wikitext-2-raw-v1", "wikitext-2-v1")
+        for line in [f"- config_name: {cfg}", "  data_files:"]
+        + [f"  - split: {split}\n    path: {cfg}/{split}-*" for split in splits]] + ["---", "# WikiText"])  # fmt: skip
+    with HubServer() as hub:
+        hub.add_dataset("ptb-text-only/ptb_text_only", {"README.md": b"# PTB", "ptb_text_only.py": b"# a script"})
+        hub.add_dataset("ptb-text-only/ptb_text_only", {f"penn_treebank/{split}/0000.parquet":
+                        _parquet("sentence", rows) for split, rows in ptb.items()}, branch="refs/convert/parquet")
+        wiki_files = {f"{cfg}/{split}-00000-of-00001.parquet": _parquet("text", [f"{cfg}:{r}" for r in rows])
+                      for cfg in ("wikitext-2-raw-v1", "wikitext-2-v1") for split, rows in wiki.items()}
+        hub.add_dataset("Salesforce/wikitext", {"README.md": card.encode(), **wiki_files})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+        run = subprocess.run([sys.executable, "-c", HUB_CLIENT, RECIPES, str(tmp_path / "cache")],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["ptb"] == ptb  # column "sentence" renamed to "text", every split
+    assert result["wikitext-2"] == {split: [f"wikitext-2-v1:{r}" for r in rows] for split, rows in wiki.items()}
+    assert any("/datasets/ptb-text-only/ptb_text_only/resolve/" in path for _, path in hub.requests)
 
 
 def test_bptt_batches_read_each_column_in_order():
