@@ -166,6 +166,30 @@ def test_default_corpora_load_from_the_hub_layout(tmp_path):
     assert any("/datasets/ptb-text-only/ptb_text_only/resolve/" in path for _, path in hub.requests)
 
 
+def test_readme_generation_from_a_saved_ptb_model(tmp_path, monkeypatch):
+    """The README's three lines that generate from a `make train` output folder (issue 16, point 8)."""
+    import hf_basis
+
+    tokenizer = build_tokenizer(LINES)
+    config = LSTMLMConfig(vocab_size=len(tokenizer), emsize=16, nhid=16, nlayers=1, eos_token_id=tokenizer.eos_token_id)
+    model = LSTMLMForCausalLM(config)
+    hf_basis.convert(model, num_basis=4, num_clusters=4, modules="output")
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained("outputs/ptb_basis_output")
+    tokenizer.save_pretrained("outputs/ptb_basis_output")
+
+    from transformers import AutoModelForCausalLM
+
+    # --- as printed in the README ("Generate from a trained model") ---
+    model = AutoModelForCausalLM.from_pretrained("outputs/ptb_basis_output")
+    tokenizer = AutoTokenizer.from_pretrained("outputs/ptb_basis_output")
+    ids = tokenizer("the cat sat", return_tensors="pt").input_ids                 # the prompt, no <eos>
+    print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=True)[0]))
+    # ---
+    assert ids.tolist() == [tokenizer.convert_tokens_to_ids(["the", "cat", "sat"])]
+    assert type(model.get_output_embeddings()).__name__ == "BasisLinear"
+
+
 def test_bptt_batches_read_each_column_in_order():
     stream = torch.arange(103)
     batches = BPTTBatches(stream, batch_size=4, bptt=5)
