@@ -23,4 +23,5 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 train: $(VENV)/.installed
-	$(VENV)/bin/accelerate launch --quiet $(ACCELERATE_ARGS) recipes/train_ptb.py recipes/configs/ptb_basis_output.yaml $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet $(ACCELERATE_ARGS) \
+		recipes/train_ptb.py recipes/configs/ptb_basis_output.yaml $(ARGS)

@@ -27,7 +27,8 @@ def test_convert_shows_a_bar_per_fitted_layer_and_logs_it(capsys, caplog):
     with caplog.at_level(logging.INFO, logger="hf_basis"):
         hf_basis.convert(model, num_basis=4, num_clusters=16)
     err = capsys.readouterr().err
-    assert "hf_basis k-means of model.embed_tokens (300 x 32)" in err and "hf_basis k-means of lm_head (300 x 32)" in err
+    assert "hf_basis k-means of model.embed_tokens (300 x 32)" in err
+    assert "hf_basis k-means of lm_head (300 x 32)" in err
     assert "compressing lm_head (300 x 32) into 4 x 16 basis codes" in caplog.text
 
     tied = tiny_model("gpt2", 300, 32, tie=True)

@@ -126,8 +126,8 @@ HUB_CLIENT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from lm_data import load_corpus
-print("RESULT " + json.dumps({name: {split: ds["text"][:] for split, ds in load_corpus(name, cache_dir=sys.argv[2]).items()}
-                              for name in ("ptb", "wikitext-2")}))
+corpora = {name: load_corpus(name, cache_dir=sys.argv[2]) for name in ("ptb", "wikitext-2")}
+print("RESULT " + json.dumps({name: {split: ds["text"][:] for split, ds in raw.items()} for name, raw in corpora.items()}))
 """
 
 
