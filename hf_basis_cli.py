@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC_DIR", help="dense checkpoint: a folder or a Hub model id")
     p.add_argument("out", metavar="OUT_DIR", help="where to write the compressed checkpoint (a new folder)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUT_DIR (atomically; never SRC_DIR itself)")  # fmt: skip
+                   help="write into an existing OUT_DIR: its checkpoint is replaced atomically, its other files kept "
+                   "(never SRC_DIR itself)")  # fmt: skip
     p.add_argument("--method", choices=("basis", "quant"), default="basis",
                    help="basis: product quantization with trainable centroids (default); quant: clipped uniform "
                    "quantization (frozen)")  # fmt: skip
