@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 __all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_OK", "build_parser", "main"]
 
@@ -82,6 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source_problem(path: str, what: str) -> str | None:
+    """A source that can be neither a folder here nor a Hub id (transformers would answer "Repo id must be ...")."""
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else f"{what} {path} is a file, not a checkpoint folder"
+    if path.startswith((".", "/", "~")) or os.path.isabs(path) or path.count("/") > 1 or "\\" in path:
+        return f"{what} {path} does not exist (give a checkpoint folder or a Hub model id such as user/model)"
+    return None
+
+
+def _path_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's paths, found before anything is loaded or written (None: nothing)."""
+    if args.command == "report":
+        return _source_problem(args.dir, "DIR")
+    if args.command == "push":
+        return None if os.path.isdir(args.dir) else f"DIR {args.dir} is not a folder"
+    if os.path.isdir(args.src) and Path(args.out).resolve() == Path(args.src).resolve():
+        return f"OUT_DIR {args.out} is SRC_DIR: convert writes a new folder and keeps the dense checkpoint"
+    if os.path.isfile(args.out):
+        return f"OUT_DIR {args.out} is a file"
+    if os.path.isdir(args.out) and not args.overwrite:
+        return f"OUT_DIR {args.out} exists; pass --overwrite to write into it"
+    return _source_problem(args.src, "SRC_DIR")
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -89,6 +115,10 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run `hf-basis` with `argv` (default: sys.argv[1:]); returns the exit code (see EXIT_CODES)."""
     args = build_parser().parse_args(argv)  # bad options: usage + one line on stderr, SystemExit(2)
+    problem = _path_problem(args)
+    if problem:
+        print(f"hf-basis {args.command}: error: {problem}", file=sys.stderr)
+        return EXIT_INPUT
     # What is being compressed (hf_basis' INFO lines) goes to stderr with the progress bars; stdout keeps the results.
     log = logging.getLogger("hf_basis")
     handler, level = logging.StreamHandler(sys.stderr), log.level

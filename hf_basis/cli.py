@@ -1,5 +1,5 @@
-"""The commands of `hf-basis` (convert, report, push); the argument parser, --help and the exit codes are in
-hf_basis_cli.py (outside this package, so that parsing never imports torch / transformers).
+"""The commands of `hf-basis` (convert, report, push); the argument parser, --help, the checks of the paths and the
+exit codes are in hf_basis_cli.py (outside this package, so that none of them imports torch / transformers).
 
 Each command takes the parsed arguments and returns 0, or raises BadInput (nothing was written; exit code 2) or
 CommandFailed (exit code 1) with a one-line message.
@@ -35,27 +35,16 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_source(path: str, what: str) -> None:
-    """Refuse a source that can be neither a folder here nor a Hub id, before transformers reads it as a repo id."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise BadInput(f"{what} {path} is a file, not a checkpoint folder")
-        return
-    looks_local = path.startswith((".", "/", "~")) or os.path.isabs(path) or path.count("/") > 1 or "\\" in path
-    if looks_local:
-        raise BadInput(f"{what} {path} does not exist (give a checkpoint folder or a Hub model id such as user/model)")
-
-
 def _load(path: str, what: str, dtype: str = "auto"):
     """Load a model from a folder or Hub id with the class its config names (or the fitting Auto class).
 
-    A source transformers cannot read (no config.json, not on the Hub, offline) is BadInput, in one line."""
+    A source transformers cannot read (no config.json, not on the Hub, offline) is BadInput, in one line. (The
+    front-end has already refused paths that can be neither a folder nor a Hub id.)"""
     import torch
     import transformers
 
     import hf_basis  # noqa: F401  (registers the "hf_basis" quantization method)
 
-    _check_source(path, what)
     _say(f"loading {path}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     try:
@@ -90,20 +79,9 @@ def _copy_extras(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def _check_output(src: str, out: str, overwrite: bool) -> None:
-    """OUT_DIR must be a new folder (or an existing one with --overwrite), and never SRC_DIR itself."""
-    if os.path.isdir(src) and Path(out).resolve() == Path(src).resolve():
-        raise BadInput(f"OUT_DIR {out} is SRC_DIR: convert writes a new folder and keeps the dense checkpoint")
-    if os.path.isfile(out):
-        raise BadInput(f"OUT_DIR {out} is a file")
-    if os.path.isdir(out) and not overwrite:
-        raise BadInput(f"OUT_DIR {out} exists; pass --overwrite to replace it")
-
-
 def _cmd_convert(args: argparse.Namespace) -> int:
     import hf_basis
 
-    _check_output(args.src, args.out, args.overwrite)
     model = _load(args.src, "SRC_DIR", args.dtype)
     kwargs = {"method": args.method, "modules": args.modules, "seed": args.seed}
     if args.method == "basis":
@@ -153,8 +131,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from hf_basis.integrations.hub import push_folder
 
-    if not os.path.isdir(args.dir):
-        raise BadInput(f"DIR {args.dir} is not a folder")
     model = _load(args.dir, "DIR")  # refuses a checkpoint whose tensors do not match its quantization_config
     if getattr(model, "hf_basis_config", None) is None:
         raise BadInput(_NOT_COMPRESSED.format(args.dir))

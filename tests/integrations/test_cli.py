@@ -88,15 +88,21 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_help_imports_neither_torch_nor_transformers():
-    """`hf-basis --help` used to import torch and transformers through hf_basis (8-9 s); now it imports neither."""
+def test_help_and_path_errors_import_neither_torch_nor_transformers(tmp_path):
+    """`hf-basis --help` used to import torch and transformers through hf_basis (8-9 s); now neither it, nor a bad
+    option, nor a path that cannot work imports them: the answer comes at once."""
+    (tmp_path / "d").mkdir()
     code = ("import sys, hf_basis_cli\n"
-            "for argv in (['--help'], ['convert', '--help'], ['convert']):\n"
-            "    try: hf_basis_cli.main(argv)\n"
-            "    except SystemExit: pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'hf_basis') if m in sys.modules))")  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
+            "codes = []\n"
+            "for argv in (['--help'], ['convert', '--help'], ['convert'], ['convert', './missing', 'o'],\n"
+            "             ['convert', 'd', 'd'], ['convert', 'd', 'd/.'], ['report', 'a/b/c'], ['push', 'x', 'u/r']):\n"
+            "    try: codes.append(hf_basis_cli.main(argv))\n"
+            "    except SystemExit as e: codes.append(e.code)\n"
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'hf_basis') if m in sys.modules))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert run.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2, 2, 2, 2, 2] []", run.stdout + run.stderr
 
 
 def test_convert_into_its_source_is_refused_before_anything_is_written(tmp_path, capsys):
