@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from hf_basis.progress import progress_bar
+
 __all__ = ["head_input_moment"]
 
 
@@ -57,7 +59,7 @@ def head_input_moment(
     try:
         model.eval()
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress_bar(batches, desc="hf_basis head_input_moment", unit="batch"):
                 if torch.is_tensor(batch):
                     batch = {"input_ids": batch}
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

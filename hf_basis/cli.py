@@ -1,9 +1,8 @@
-"""`hf-basis`: convert, inspect and share compressed checkpoints from the shell.
+"""The commands of `hf-basis` (convert, report, push); the argument parser, --help, the checks of the paths and the
+exit codes are in hf_basis_cli.py (outside this package, so that none of them imports torch / transformers).
 
-    hf-basis convert SRC_DIR OUT_DIR --num-basis 8 --num-clusters 256      # basis embedding (product quantization)
-    hf-basis convert SRC_DIR OUT_DIR --method quant --nbit 4                # clipped uniform quantization
-    hf-basis report DIR                                                     # the compression table
-    hf-basis push DIR user/repo                                             # one commit to the Hugging Face Hub
+Each command takes the parsed arguments and returns 0, or raises BadInput (nothing was written; exit code 2) or
+CommandFailed (exit code 1) with a one-line message.
 """
 
 from __future__ import annotations
@@ -15,26 +14,44 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "BadInput", "CommandFailed"]
+
+
+class BadInput(Exception):
+    """The command's input is unusable (a missing source, an existing output, ...); nothing was written."""
+
+
+class CommandFailed(Exception):
+    """A valid command failed while running (the Hub or the network, the disk)."""
+
 
 # Files `convert` does not copy from SRC_DIR: the model's own (written anew) and weights.
 _MODEL_FILES = {"config.json", "generation_config.json", "README.md"}
 _NOT_COMPRESSED = "{} is not an hf_basis checkpoint (its config.json has no hf_basis quantization_config)"
 
 
-def _load(path: str, dtype: str = "auto"):
-    """Load a model from a folder or Hub id with the class its config names (or the fitting Auto class)."""
+def _say(message: str) -> None:
+    """Progress of a command, on stderr (stdout holds the results: the table, the JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(path: str, what: str, dtype: str = "auto"):
+    """Load a model from a folder or Hub id with the class its config names (or the fitting Auto class).
+
+    A source transformers cannot read (no config.json, not on the Hub, offline) is BadInput, in one line. (The
+    front-end has already refused paths that can be neither a folder nor a Hub id.)"""
     import torch
     import transformers
 
     import hf_basis  # noqa: F401  (registers the "hf_basis" quantization method)
 
-    try:  # the LSTM model registers itself with the Auto classes
-        import hf_basis.models.lstm  # noqa: F401
-    except ImportError:
-        pass
+    _say(f"loading {path}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        where = "" if os.path.isdir(path) else f" (there is no folder {path} here either)"
+        raise BadInput(f"cannot load {what} {path}: {' '.join(str(err).split())}{where}") from err
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -45,7 +62,7 @@ def _load(path: str, dtype: str = "auto"):
             return getattr(transformers, auto).from_pretrained(path, **kwargs)
         except ValueError as err:  # "Unrecognized configuration class ... for this kind of AutoModel"
             errors.append(f"{auto}: {err}")
-    raise ValueError(f"cannot find a model class for {path}:\n" + "\n".join(errors))
+    raise BadInput(f"cannot find a model class for {path}: " + "; ".join(errors))
 
 
 def _copy_extras(src: Path, out: Path) -> list[str]:
@@ -65,20 +82,23 @@ def _copy_extras(src: Path, out: Path) -> list[str]:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import hf_basis
 
-    model = _load(args.src, args.dtype)
+    model = _load(args.src, "SRC_DIR", args.dtype)
     kwargs = {"method": args.method, "modules": args.modules, "seed": args.seed}
     if args.method == "basis":
         kwargs.update(num_basis=args.num_basis, num_clusters=args.num_clusters)
     else:
         kwargs.update(nbit=args.nbit, stochastic_round=args.stochastic_round)
     hf_basis.convert(model, **kwargs)
-    model.save_pretrained(args.out)
-    if os.path.isdir(args.src):
-        copied = _copy_extras(Path(args.src), Path(args.out))
-        if copied:
-            print(f"copied from {args.src}: {', '.join(copied)}")
+    _say(f"saving to {args.out}")
+    try:
+        model.save_pretrained(args.out)
+        copied = _copy_extras(Path(args.src), Path(args.out)) if os.path.isdir(args.src) else []
+    except OSError as err:
+        raise CommandFailed(f"saving to {args.out} failed: {err}") from err
+    if copied:
+        _say(f"copied from {args.src}: {', '.join(copied)}")
     print(hf_basis.report(model))
-    print(f"saved to {args.out}")
+    _say(f"saved to {args.out}")
     return 0
 
 
@@ -91,9 +111,9 @@ def _folder_bytes(path: str) -> int | None:
 def _cmd_report(args: argparse.Namespace) -> int:
     import hf_basis
 
-    model = _load(args.dir)
+    model = _load(args.dir, "DIR")
     if getattr(model, "hf_basis_config", None) is None:
-        raise ValueError(_NOT_COMPRESSED.format(args.dir))
+        raise BadInput(_NOT_COMPRESSED.format(args.dir))
     rep = hf_basis.report(model)
     size = _folder_bytes(args.dir)
     if args.json:
@@ -111,79 +131,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from hf_basis.integrations.hub import push_folder
 
-    if not os.path.isdir(args.dir):
-        raise FileNotFoundError(f"{args.dir} is not a folder")
-    model = _load(args.dir)  # refuses a checkpoint whose tensors do not match its quantization_config
+    model = _load(args.dir, "DIR")  # refuses a checkpoint whose tensors do not match its quantization_config
     if getattr(model, "hf_basis_config", None) is None:
-        raise ValueError(_NOT_COMPRESSED.format(args.dir))
-    info = push_folder(
-        args.dir, args.repo, model=model, commit_message=args.commit_message, private=args.private or None,
-        token=args.token, revision=args.revision,
-    )  # fmt: skip
+        raise BadInput(_NOT_COMPRESSED.format(args.dir))
+    from huggingface_hub import constants
+
+    _say(f"pushing {args.dir} to {args.repo} at {constants.ENDPOINT}")
+    try:
+        info = push_folder(
+            args.dir, args.repo, model=model, commit_message=args.commit_message, private=args.private or None,
+            token=args.token, revision=args.revision,
+        )  # fmt: skip
+    except Exception as err:  # httpx / huggingface_hub errors: the network, the Hub's answer, the token
+        message = " ".join(str(err).split()) or "no message"
+        raise CommandFailed(f"push to {args.repo} at {constants.ENDPOINT} failed: {type(err).__name__}: {message}")
     print(f"pushed {args.dir} to {args.repo}: {info.commit_url}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-basis",
-        description="Compress the input embedding and lm_head of transformers checkpoints, inspect and share them.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "convert", help="compress a dense checkpoint folder into a new folder",
-        description="Load SRC_DIR (a transformers checkpoint folder or Hub id), compress its input embedding and "
-        "output layer, and save the result (plus SRC_DIR's tokenizer files) to OUT_DIR.",
-    )  # fmt: skip
-    p.add_argument("src", metavar="SRC_DIR", help="dense checkpoint: a folder or a Hub model id")
-    p.add_argument("out", metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    p.add_argument("--method", choices=("basis", "quant"), default="basis",
-                   help="basis: product quantization with trainable centroids (default); quant: clipped uniform "
-                   "quantization (frozen)")  # fmt: skip
-    p.add_argument("--num-basis", type=int, default=8, help="method basis: sub-vectors per word (default 8)")
-    p.add_argument("--num-clusters", type=int, default=256, help="method basis: centroids per sub-space (default 256)")
-    p.add_argument("--nbit", type=int, default=4, help="method quant: bits per value, 1/2/4/8/16/32 (default 4)")
-    p.add_argument("--modules", choices=("both", "input", "output"), default="both",
-                   help="which layers to compress (default both)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="k-means / stochastic-rounding seed (default 0)")
-    p.add_argument("--stochastic-round", action="store_true", help="method quant: stochastic rounding")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype to load SRC_DIR in (default: the checkpoint's)")  # fmt: skip
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser(
-        "report", help="print the compression table of a compressed checkpoint",
-        description="Load a compressed checkpoint (checking its tensors) and print what was compressed and saved.",
-    )  # fmt: skip
-    p.add_argument("dir", metavar="DIR", help="compressed checkpoint: a folder or a Hub model id")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_report)
-
-    p = sub.add_parser(
-        "push", help="upload a compressed checkpoint folder to the Hugging Face Hub in one commit",
-        description="Check DIR (it must load), then upload all its files to the model repo REPO in one commit, "
-        "with the hf_basis model card merged into the repo's README. The endpoint is HF_ENDPOINT's.",
-    )  # fmt: skip
-    p.add_argument("dir", metavar="DIR", help="compressed checkpoint folder")
-    p.add_argument("repo", metavar="REPO", help="model repo id, e.g. user/my-model (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--commit-message", default=None, help="commit message")
-    p.add_argument("--revision", default=None, help="branch to push to (default main)")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
-    p.set_defaults(func=_cmd_push)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"hf-basis {args.command}: error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS = {"convert": _cmd_convert, "report": _cmd_report, "push": _cmd_push}

@@ -9,6 +9,7 @@ and only then swap them in, so an error leaves the model untouched. What was don
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,10 +30,13 @@ from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
 from hf_basis.validation import (
     as_row_weights, check_basis_shape, check_bool, check_choice, check_nbit, check_seed,
 )  # fmt: skip
+from hf_basis.progress import iteration_callback, progress_bar
 
 __all__ = ["convert", "quantize_embed"]
 
 MODULE_CHOICES = ("both", "input", "output")  # what convert() takes; the record also knows quantize_embed's
+
+logger = logging.getLogger(__name__)
 
 
 def _check_plain(module: nn.Module, base: type, role: str) -> None:
@@ -45,9 +49,12 @@ def _check_plain(module: nn.Module, base: type, role: str) -> None:
         raise TypeError(f"the {role} is a {type(module).__name__}, but convert() can only compress an {base.__name__}")
     if type(module).forward is not base.forward:
         # A subclass with its own forward (e.g. a scaled embedding) would silently lose that behaviour.
+        other = {"input embedding": "modules='output' compresses the output layer alone",
+                 "output layer": "modules='input' compresses the input embedding alone"}[role]  # fmt: skip
         raise NotImplementedError(
             f"the {role} is a {type(module).__name__}, a subclass of {base.__name__} with its own forward; "
-            "hf_basis does not know how to reproduce it, so it refuses instead of changing the model's outputs"
+            f"hf_basis does not know how to reproduce it, so it refuses instead of changing the model's outputs "
+            f"({other})"
         )
 
 
@@ -94,6 +101,14 @@ def _check_head_input_moment(moment, method: str, head: nn.Linear | None, tied: 
         raise ValueError(f"head_input_moment must be ({H}, {H}) (the lm_head's input size), got {tuple(moment.shape)}")
     if not bool(torch.isfinite(moment).all()):
         raise ValueError("head_input_moment contains NaN or infinite values")
+
+
+def _kmeans_bar(model: nn.Module, layer: nn.Module | None):
+    """A progress bar over the k-means iterations of one layer (none for a layer that shares another's codebook)."""
+    if layer is None:
+        return progress_bar(disable=True)
+    V, H = layer.weight.shape
+    return progress_bar(desc=f"hf_basis k-means of {names_of(model, layer)[0]} ({V} x {H})", unit="it")
 
 
 def convert(
@@ -188,17 +203,25 @@ def convert(
     # Build every replacement before touching the model: an error below leaves it as it was.
     new_emb = new_head = None
     errors: dict[str, float] = {}
+    for layer in (emb, head if not tied else None):
+        if layer is not None:
+            what = f"{num_basis} x {num_clusters} basis codes" if method == "basis" else f"{nbit}-bit values"
+            logger.info("hf_basis: compressing %s (%s x %s) into %s%s", names_of(model, layer)[0],
+                        *layer.weight.shape, what, " (tied input and output)" if tied else "")  # fmt: skip
     if method == "basis":
         if emb is not None:
-            new_emb, errors["input"] = BasisEmbedding.from_embedding(
-                emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies
-            )
+            with _kmeans_bar(model, emb) as bar:
+                new_emb, errors["input"] = BasisEmbedding.from_embedding(
+                    emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies,
+                    progress=iteration_callback(bar),
+                )
         if head is not None:
             shared = new_emb.codebook if tied else None
-            new_head, errors["output"] = BasisLinear.from_linear(
-                head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies,
-                input_moment=head_input_moment,
-            )
+            with _kmeans_bar(model, head if not tied else None) as bar:
+                new_head, errors["output"] = BasisLinear.from_linear(
+                    head, num_basis, num_clusters, seed=seed, codebook=shared, sample_weight=frequencies,
+                    input_moment=head_input_moment, progress=iteration_callback(bar),
+                )
     else:
         quant_kwargs: dict[str, Any] = {"stochastic_round": stochastic_round, "seed": seed}
         if emb is not None:

@@ -1,8 +1,8 @@
 """Word-level language-modelling data for the recipes: corpora, tokenizer, token streams and their batch layouts.
 
     raw = load_corpus("ptb", data_dir="../shared/data/ptb")        # DatasetDict(train/validation/test), column "text"
-    tokenizer = build_tokenizer(raw["train"]["text"])              # WordLevel, "<unk>" = 0, "<eos>" = 1 after each line
-    ids = tokenize(raw, tokenizer)                                 # cached by datasets: a second run reads the cache
+    tokenizer = build_tokenizer(raw["train"]["text"])              # WordLevel, "<unk>" = 0, "<eos>" = 1
+    ids = tokenize(raw, tokenizer)                                 # "<eos>" after each line; cached by datasets
     stream = token_stream(ids["train"])                            # (N,) int64, the whole split as one stream
     BPTTBatches(stream, batch_size=20, bptt=35)                    # stateful layout (PyTorch's word_language_model)
     BlockDataset(stream, block_size=128)                           # independent blocks (shuffled by the Trainer)
@@ -25,7 +25,6 @@ from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "BPTTBatches",
     "BlockDataset",
     "Corpus",
+    "CorpusNotFound",
     "build_tokenizer",
     "load_corpus",
     "token_stream",
@@ -43,12 +43,16 @@ UNK, EOS = "<unk>", "<eos>"
 SPLITS = ("train", "validation", "test")
 
 
+class CorpusNotFound(FileNotFoundError):
+    """The corpus can be read neither from the Hub nor from --data_dir; the message says how to point at files."""
+
+
 @dataclass(frozen=True)
 class Corpus:
     """Where a corpus lives on the Hub and how its canonical files are named."""
 
     hub_id: str
-    hub_config: str | None
+    hub_config: str | None  # the config's name (its folder on the `refs/convert/parquet` branch, which has no card)
     hub_revision: str | None
     text_column: str
     file_pattern: str  # with "{split}" in train / valid / test
@@ -60,7 +64,8 @@ class Corpus:
 
 # Hub ids (the defaults; the project's machines cannot reach the Hub, so tests and CI use --data_dir):
 # - PTB: the Hub copy's main branch is a loading script, which datasets >= 4 refuses; its auto-converted parquet
-#   branch `refs/convert/parquet` holds the same sentences (column "sentence").
+#   branch `refs/convert/parquet` holds the same sentences (column "sentence") as penn_treebank/{split}/0000.parquet,
+#   with no dataset card naming the config, so the config is read as a folder (data_dir), not by name.
 # - WikiText: Salesforce/wikitext, parquet, column "text" (one line per row, blank lines included).
 CORPORA: dict[str, Corpus] = {
     "ptb": Corpus(
@@ -85,17 +90,29 @@ def load_corpus(name: str, data_dir: str | None = None, cache_dir: str | None = 
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
     corpus = CORPORA[name]
+    canonical = ", ".join(os.path.basename(p) for p in corpus.files(".").values())
     if data_dir is None:
-        raw = load_dataset(corpus.hub_id, corpus.hub_config, revision=corpus.hub_revision, cache_dir=cache_dir)
+        try:
+            parquet_export = corpus.hub_revision == "refs/convert/parquet"
+            raw = load_dataset(
+                corpus.hub_id, None if parquet_export else corpus.hub_config,
+                data_dir=corpus.hub_config if parquet_export else None, revision=corpus.hub_revision,
+                cache_dir=cache_dir,
+            )  # fmt: skip
+        except OSError as err:  # ConnectionError (offline, unreachable), DatasetNotFoundError, ...
+            raise CorpusNotFound(
+                f"could not load {name} from the Hugging Face Hub ({corpus.hub_id}: {' '.join(str(err).split())}); "
+                f"to train from local files, pass the folder holding {canonical} as --data_dir DIR "
+                f'(make train ARGS="--data_dir DIR")'
+            ) from err
         if corpus.text_column != "text":
             raw = raw.rename_column(corpus.text_column, "text")
         return DatasetDict({split: raw[split].select_columns(["text"]) for split in SPLITS})
     files = corpus.files(data_dir)
     missing = [path for path in files.values() if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(
-            f"--data_dir {data_dir} must hold the canonical {name} files "
-            f"({', '.join(os.path.basename(p) for p in files.values())}); missing: {', '.join(missing)}"
+        raise CorpusNotFound(
+            f"--data_dir {data_dir} must hold the canonical {name} files ({canonical}); missing: {', '.join(missing)}"
         )
     return load_dataset("text", data_files=files, cache_dir=cache_dir)
 
@@ -103,20 +120,21 @@ def load_corpus(name: str, data_dir: str | None = None, cache_dir: str | None = 
 def _word_level(vocab: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel({word: i for i, word in enumerate(vocab)}, unk_token=UNK))
     backend.pre_tokenizer = WhitespaceSplit()
-    backend.post_processor = TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, vocab.index(EOS))])
+    # No post-processor: a prompt encodes to its words only (an appended <eos> would make generate() continue after
+    # an end of sentence); `tokenize` appends <eos> to every line of the training data.
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, eos_token=EOS)
 
 
 def build_tokenizer(
     train_texts: Iterable[str] | None = None, *, vocab_file: str | None = None
 ) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: whitespace split, unknown words -> `<unk>`, `<eos>` appended to every line.
+    """A word-level tokenizer: whitespace split, unknown words -> `<unk>`; `tokenizer(text)` adds no `<eos>`.
 
     The vocabulary is either every word of `train_texts` (ids: `<unk>` = 0, `<eos>` = 1, then by decreasing count,
     ties by first appearance; deterministic, so cached tokenisations stay valid) or the words of `vocab_file`, one per
     line in id order (the first whitespace-separated field of each line; further fields such as counts are ignored;
     `<unk>` / `<eos>` are appended if the file lacks them). Save it with `save_pretrained` beside the model.
-    Pass `add_special_tokens=False` to encode a prompt without the trailing `<eos>`.
+    The training data's lines end in `<eos>` (`tokenize` appends it); a prompt encodes to its words only.
     """
     if (train_texts is None) == (vocab_file is None):
         raise ValueError("pass exactly one of train_texts and vocab_file")
@@ -143,7 +161,9 @@ ENCODE_CALLS = 0  # batches encoded in this process (the tests read it to check 
 def _encode(batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerFast) -> dict[str, list[list[int]]]:
     global ENCODE_CALLS
     ENCODE_CALLS += 1
-    return {"input_ids": tokenizer(batch["text"])["input_ids"]}
+    # add_special_tokens=False: a tokenizer saved by an earlier version appends <eos> itself; this gives one either way.
+    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": [line + [tokenizer.eos_token_id] for line in ids]}
 
 
 def tokenize(raw: DatasetDict, tokenizer: PreTrainedTokenizerFast, num_proc: int | None = None) -> DatasetDict:

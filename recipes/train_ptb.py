@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lm_data import CorpusNotFound  # noqa: E402
 from lm_recipe import main  # noqa: E402
 
 PTB_DEFAULTS = {
@@ -45,5 +46,14 @@ PTB_DEFAULTS = {
     "report_to": "none",
 }
 
+
+def run(defaults: dict) -> None:
+    """main() from the shell: a corpus that cannot be read is one line on stderr and exit code 1, not a traceback."""
+    try:
+        main(defaults=defaults)
+    except CorpusNotFound as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    main(defaults=PTB_DEFAULTS)
+    run(PTB_DEFAULTS)

@@ -15,10 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lm_recipe import main  # noqa: E402
-from train_ptb import PTB_DEFAULTS  # noqa: E402
+from lm_recipe import main  # noqa: E402, F401  (train_wikitext.main(argv, defaults), as train_ptb.main)
+from train_ptb import PTB_DEFAULTS, run  # noqa: E402
 
 WIKITEXT_DEFAULTS = {**PTB_DEFAULTS, "corpus": "wikitext-2", "output_dir": "outputs/wikitext"}
 
 if __name__ == "__main__":
-    main(defaults=WIKITEXT_DEFAULTS)
+    run(WIKITEXT_DEFAULTS)

@@ -6,13 +6,17 @@
         hub.files("user/tiny")           # {path: bytes} at the head of main
         hub.fail_next_commit = True      # the next commit reads half its body, then drops the connection
                                          # (POST /_test/fail-next-commit does the same from a client process)
+        hub.add_dataset("user/corpus", {"README.md": b"...", "cfg/train-00000-of-00001.parquet": data})
+        hub.add_dataset("user/corpus", files, branch="refs/convert/parquet")   # the Hub's parquet-export branch
 
-Endpoints (model repos only): POST /api/repos/create, POST /api/validate-yaml, POST
-/api/models/{repo}/preupload/{rev} (every file "regular", so no LFS / Xet transfer), POST
-/api/models/{repo}/commit/{rev} (NDJSON, base64 files; applied atomically once the whole body has been read),
-GET /api/models/{repo}[/revision/{rev}], GET /api/models/{repo}/tree/{rev}[/{path}], HEAD/GET
-/{repo}/resolve/{rev}/{path} with the headers the client reads (X-Repo-Commit, ETag, Content-Length, and
-X-Error-Code on 404). Revisions are "main" or a full commit id. No authentication.
+Endpoints, for model repos and (read-only, filled by `add_dataset`) dataset repos, `{type}` = models / datasets:
+POST /api/repos/create, POST /api/validate-yaml, POST /api/models/{repo}/preupload/{rev} (every file "regular", so
+no LFS / Xet transfer), POST /api/models/{repo}/commit/{rev} (NDJSON, base64 files; applied atomically once the
+whole body has been read), GET /api/{type}/{repo}[/revision/{rev}], GET /api/{type}/{repo}/tree/{rev}[/{path}]
+(`recursive`, directories listed as the Hub does), POST /api/{type}/{repo}/paths-info/{rev}, HEAD/GET
+[/datasets]/{repo}/resolve/{rev}/{path} with the headers the client reads (X-Repo-Commit, ETag, Content-Length,
+X-Error-Code on 404) and byte ranges (206). Revisions are a branch ("main", "refs/convert/parquet", URL-quoted as
+the client sends them) or a full commit id. No authentication.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class _Repo:
         self.repo_id = repo_id
         self.private = private
         initial = hashlib.sha1(f"init {repo_id}".encode()).hexdigest()
-        self.commits: list[tuple[str, dict[str, bytes], str]] = [(initial, {}, "initial commit")]
+        self.commits: list[tuple[str, dict[str, bytes], str]] = [(initial, {}, "initial commit")]  # main's history
+        self.branches: dict[str, tuple[str, dict[str, bytes], str]] = {}  # heads of branches other than main
 
     @property
     def head(self) -> tuple[str, dict[str, bytes], str]:
@@ -45,14 +50,27 @@ class _Repo:
     def at(self, revision: str) -> tuple[str, dict[str, bytes], str] | None:
         if revision in ("main", "refs/heads/main"):
             return self.head
-        return next((c for c in self.commits if c[0] == revision), None)
+        if revision in self.branches:
+            return self.branches[revision]
+        return next((c for c in [*self.commits, *self.branches.values()] if c[0] == revision), None)
+
+    def commit(self, files: dict[str, bytes], message: str, branch: str = "main") -> str:
+        parent = self.at(branch)
+        oid = hashlib.sha1(json.dumps([parent[0] if parent else branch, message,
+                                       sorted((p, git_blob_sha(d)) for p, d in files.items())]).encode()).hexdigest()
+        if branch == "main":
+            self.commits.append((oid, files, message))
+        else:
+            self.branches[branch] = (oid, files, message)
+        return oid
 
 
 class HubServer:
     """Start with `with HubServer() as hub:` (or start()/stop()); see the module docstring."""
 
     def __init__(self) -> None:
-        self.repos: dict[str, _Repo] = {}
+        self.repos: dict[str, _Repo] = {}  # model repos
+        self.datasets: dict[str, _Repo] = {}  # dataset repos
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.fail_next_commit = False
         self._lock = threading.Lock()
@@ -101,6 +119,13 @@ class HubServer:
     def commit_messages(self, repo_id: str) -> list[str]:
         return [c[2] for c in self.repos[repo_id].commits]
 
+    # ------------------------------------------------------------------ datasets
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        """Commit `files` as the whole content of `branch` of the dataset repo `repo_id`; returns the commit id."""
+        with self._lock:
+            repo = self.datasets.setdefault(repo_id, _Repo(repo_id, private=False))
+            return repo.commit(dict(files), f"add {len(files)} files", branch)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_hub: HubServer
@@ -132,14 +157,17 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _record(self) -> tuple[str, dict[str, list[str]]]:
+    def _record(self) -> tuple[list[str], dict[str, list[str]]]:
+        """The path's segments, each unquoted on its own (a revision such as refs%2Fconvert%2Fparquet stays one
+        segment), and the query."""
         parsed = urllib.parse.urlsplit(self.path)
-        path = urllib.parse.unquote(parsed.path)
-        self.server_hub.requests.append((self.command, path))
-        return path, urllib.parse.parse_qs(parsed.query)
+        segments = [urllib.parse.unquote(s) for s in parsed.path.strip("/").split("/")]
+        self.server_hub.requests.append((self.command, urllib.parse.unquote(parsed.path)))
+        return segments, urllib.parse.parse_qs(parsed.query)
 
-    def _repo(self, repo_id: str, head: bool = False) -> _Repo | None:
-        repo = self.server_hub.repos.get(repo_id)
+    def _repo(self, kind: str, repo_id: str, head: bool = False) -> _Repo | None:
+        repos = self.server_hub.datasets if kind == "datasets" else self.server_hub.repos
+        repo = repos.get(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head)
         return repo
@@ -150,6 +178,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
         return commit
 
+    def _files_at(self, kind: str, repo_id: str, revision: str, head: bool = False):
+        """(commit id, {path: bytes}) or None after answering 404."""
+        with self.server_hub._lock:
+            repo = self._repo(kind, repo_id, head)
+            commit = repo and self._commit_at(repo, revision, head)
+            return (commit[0], dict(commit[1])) if commit else None
+
     # ------------------------------------------------------------------ verbs
     def do_HEAD(self) -> None:
         self._get(head=True)
@@ -157,55 +192,82 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._get(head=False)
 
+    def _resolve(self, kind: str, repo_id: str, revision: str, filename: str, head: bool) -> None:
+        found = self._files_at(kind, repo_id, revision, head)
+        if not found:
+            return
+        sha, files = found
+        data = files.get(filename)
+        if data is None:
+            return self._error(404, "EntryNotFound", f"{filename} does not exist at {revision}", head)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha(data)}"', "Content-Type": "application/octet-stream",
+                   "Accept-Ranges": "bytes"}  # fmt: skip
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if m:  # HfFileSystem reads files by byte ranges
+            start, end = int(m.group(1)), int(m.group(2)) if m.group(2) else len(data) - 1
+            end = min(end, len(data) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return self._send(206, data[start : end + 1], headers, head)
+        return self._send(200, data, headers, head)
+
+    @staticmethod
+    def _entries(files: dict[str, bytes], sub: str, recursive: bool) -> list[dict]:
+        """The Hub's tree listing of folder `sub` ("" = root): files and folders, all levels or the first."""
+        prefix = f"{sub}/" if sub else ""
+        entries, folders = [], set()
+        for path, data in sorted(files.items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts)):
+                if recursive or depth == 1:
+                    folders.add(prefix + "/".join(parts[:depth]))
+            if recursive or len(parts) == 1:
+                entries.append({"type": "file", "path": path, "size": len(data), "oid": git_blob_sha(data)})
+        entries += [{"type": "directory", "path": f, "size": 0, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                    for f in sorted(folders)]  # fmt: skip
+        return entries
+
     def _get(self, head: bool) -> None:
-        path, _ = self._record()
-        hub = self.server_hub
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if m:
-            repo_id, revision, filename = m.groups()
-            with hub._lock:
-                repo = self._repo(repo_id, head)
-                commit = repo and self._commit_at(repo, revision, head)
-                if not commit:
+        segments, query = self._record()
+        kind = "models"
+        if segments[0] == "datasets" and len(segments) > 4 and segments[3] == "resolve":
+            kind, segments = "datasets", segments[1:]
+        if len(segments) > 3 and segments[0] != "api" and segments[2] == "resolve":
+            return self._resolve(kind, "/".join(segments[:2]), segments[3], "/".join(segments[4:]), head)
+        if segments[0] == "api" and len(segments) >= 4 and segments[1] in ("models", "datasets"):
+            kind, repo_id, rest = segments[1], "/".join(segments[2:4]), segments[4:]
+            if not rest or (len(rest) == 2 and rest[0] == "revision"):
+                revision = rest[1] if rest else "main"
+                found = self._files_at(kind, repo_id, revision, head)
+                if not found:
                     return
-                data = commit[1].get(filename)
-            if data is None:
-                return self._error(404, "EntryNotFound", f"{filename} does not exist at {revision}", head)
-            etag = f'"{git_blob_sha(data)}"'
-            return self._send(200, data, {"X-Repo-Commit": commit[0], "ETag": etag,
-                                          "Content-Type": "application/octet-stream"}, head)  # fmt: skip
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
-        if m:
-            repo_id, revision = m.group(1), m.group(2) or "main"
-            with hub._lock:
-                repo = self._repo(repo_id, head)
-                commit = repo and self._commit_at(repo, revision, head)
-                if not commit:
+                sha, files = found
+                return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
+                                        "siblings": [{"rfilename": f} for f in sorted(files)], "tags": [],
+                                        "downloads": 0, "likes": 0}, head=head)  # fmt: skip
+            if len(rest) >= 2 and rest[0] == "tree":
+                sub = "/".join(rest[2:]).strip("/")
+                found = self._files_at(kind, repo_id, rest[1], head)
+                if not found:
                     return
-                files = sorted(commit[1])
-            return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": commit[0], "private": repo.private,
-                                    "siblings": [{"rfilename": f} for f in files], "tags": [],
-                                    "downloads": 0, "likes": 0}, head=head)  # fmt: skip
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
-        if m:
-            repo_id, revision, sub = m.group(1), m.group(2), (m.group(3) or "").strip("/")
-            with hub._lock:
-                repo = self._repo(repo_id, head)
-                commit = repo and self._commit_at(repo, revision, head)
-                if not commit:
-                    return
-                files = commit[1]
-            prefix = f"{sub}/" if sub else ""
-            entries = [{"type": "file", "path": p, "size": len(d), "oid": git_blob_sha(d)}
-                       for p, d in sorted(files.items()) if p.startswith(prefix)]  # fmt: skip
-            if sub and not entries:
-                return self._error(404, "EntryNotFound", f"{sub} does not exist at {revision}", head)
-            return self._json(200, entries, head=head)
-        self._error(404, None, f"no such endpoint: {self.command} {path}", head)
+                entries = self._entries(found[1], sub, query.get("recursive", ["false"])[0].lower() == "true")
+                if sub and not entries:
+                    return self._error(404, "EntryNotFound", f"{sub} does not exist at {rest[1]}", head)
+                return self._json(200, entries, head=head)
+        self._error(404, None, f"no such endpoint: {self.command} {self.path}", head)
 
     def do_POST(self) -> None:
-        path, query = self._record()
+        segments, query = self._record()
+        path = "/" + "/".join(segments)
         hub = self.server_hub
+        if segments[0] == "api" and len(segments) == 6 and segments[4] == "paths-info":
+            fields = urllib.parse.parse_qs(self._body().decode())
+            found = self._files_at(segments[1], "/".join(segments[2:4]), segments[5])
+            if not found:
+                return
+            entries = self._entries(found[1], "", recursive=True)
+            return self._json(200, [e for e in entries if e["path"] in fields.get("paths", [])])
         if path == "/api/repos/create":
             payload = json.loads(self._body() or b"{}")
             if payload.get("type", "model") not in (None, "model"):
@@ -229,7 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id, revision = m.groups()
             payload = json.loads(self._body() or b"{}")
             with hub._lock:
-                repo = self._repo(repo_id)
+                repo = self._repo("models", repo_id)
                 commit = repo and self._commit_at(repo, revision)
                 if not commit:
                     return
@@ -278,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
         if header is None:
             return self._error(400, None, "bad commit payload: no header line")
         with hub._lock:
-            repo = self._repo(repo_id)
+            repo = self._repo("models", repo_id)
             if repo is None:
                 return
             if revision not in ("main", "refs/heads/main"):

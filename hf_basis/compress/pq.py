@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +134,7 @@ def product_quantize(
     max_iter: int = 25,
     tol: float = 1e-4,
     sample_weight: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PQResult:
     """Product-quantize a (V, D) matrix: k-means with `num_clusters` centroids in each of `num_basis` sub-spaces.
 
@@ -151,6 +152,8 @@ def product_quantize(
             matter (the weights are rescaled to a maximum of 1). Rows of weight 0 still get codes but do not pull
             any centroid. Constant weights are the unweighted problem and give exactly the unweighted result.
             None (default): every row weighs the same.
+        progress: optional callback, called after each Lloyd iteration with (iterations done, expected total): the
+            total is max_iter until the iterations converge, then the number done (for a progress bar).
 
     Returns:
         PQResult with codes (V, B) in `code_dtype(K)`, centroids (B, K, d) float32 (float64 for a float64 weight) and
@@ -181,7 +184,7 @@ def product_quantize(
         centroids = _kmeans_pp_init(X_init, K, generator, w_init)  # (B, K, d)
         del X_init, w_init
 
-        centroids, assign, _, iterations = _lloyd(X, centroids, max_iter, tol, weights)  # (B, K, d), (B, V)
+        centroids, assign, _, iterations = _lloyd(X, centroids, max_iter, tol, weights, progress)  # (B,K,d), (B,V)
 
         relative_error = _relative_error(X, centroids, assign)
         codes = assign.t().to(code_dtype(K)).contiguous()  # (V, B)
@@ -457,7 +460,8 @@ def _update(
 
 
 def _lloyd(
-    X: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, weights: torch.Tensor | None = None
+    X: torch.Tensor, centroids: torch.Tensor, max_iter: int, tol: float, weights: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Lloyd's iterations from the given centroids.
 
@@ -484,6 +488,8 @@ def _lloyd(
         new_objective = total(min_dist)
         converged = objective - new_objective <= tol * objective  # also true once objective is 0
         objective = new_objective
+        if progress is not None:
+            progress(iterations, iterations if converged else max_iter)
         if converged:
             break
     return centroids, codes, min_dist, iterations

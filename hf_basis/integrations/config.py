@@ -149,7 +149,7 @@ class BasisConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"this checkpoint was written in hf_basis format {self.format_version} (hf_basis "
                 f"{self.hf_basis_version}), but the installed hf_basis reads formats up to {FORMAT_VERSION}: "
-                "upgrade hf_basis (pip install -U hf_basis)"
+                "upgrade hf_basis (install a newer version from its source)"
             )
         if self.layers is not None:
             self._check_layers()

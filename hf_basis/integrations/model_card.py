@@ -98,7 +98,7 @@ def model_card_section(model: nn.Module, repo_id: str | None = None) -> str:
 ## Compressed with hf_basis
 
 {which} of this model {"are" if cfg.modules in ("both", "embeddings") else "is"} stored compressed by
-[hf_basis](https://pypi.org/project/hf_basis/): {method}{tied}.
+hf_basis {cfg.hf_basis_version}: {method}{tied}.
 Everything else is the original {type(model).__name__}.
 
 | setting | value |
@@ -107,8 +107,11 @@ Everything else is the original {type(model).__name__}.
 
 {table}### How to load
 
+hf_basis is not on PyPI: install it from its source (hf_basis {cfg.hf_basis_version} or newer), in a clone of its
+repository:
+
 ```bash
-pip install hf_basis
+pip install .          # or build a wheel to install elsewhere: python -m build; pip install dist/*.whl
 ```
 
 ```python

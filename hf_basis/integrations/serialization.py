@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import types
 import uuid
 from collections.abc import Callable
@@ -155,7 +154,10 @@ def atomic_directory_write(save_directory: str | os.PathLike, write: Callable[[P
     target = Path(save_directory).resolve()
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_basis-tmp-", dir=parent))
+    # mkdir, not tempfile.mkdtemp: the folder gets the umask's permissions (0755 usually), as transformers' own saves
+    # do, instead of mkdtemp's 0700 that other users of a shared machine cannot read.
+    staging = parent / f".{target.name}.hf_basis-tmp-{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         write(staging)
         if not target.exists():

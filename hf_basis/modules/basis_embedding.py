@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -69,6 +71,7 @@ class BasisEmbedding(nn.Module):
         seed: int = 0,
         codebook: Codebook | None = None,
         sample_weight: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple["BasisEmbedding", float]:
         """Compress an nn.Embedding (k-means PQ of its weight). Returns the module and the relative error.
 
@@ -78,6 +81,7 @@ class BasisEmbedding(nn.Module):
         sample_weight: optional (num_embeddings,) non-negative weight per row, e.g. each token's training-set
         frequency: weighted k-means spends the codebook's accuracy on the rows used most (see
         `hf_basis.compress.pq.product_quantize`). Ignored when `codebook` is given (nothing is fitted then).
+        progress: optional callback (k-means iterations done, expected total), for a progress bar.
         """
         if embedding.scale_grad_by_freq or embedding.sparse:
             raise ValueError(
@@ -87,7 +91,7 @@ class BasisEmbedding(nn.Module):
         error = float("nan")
         if codebook is None:
             codebook, error = Codebook.from_weight(
-                embedding.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight
+                embedding.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight, progress=progress
             )
             codebook.centroids.requires_grad_(embedding.weight.requires_grad)
         module = cls(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -67,6 +69,7 @@ class BasisLinear(nn.Module):
         codebook: Codebook | None = None,
         sample_weight: torch.Tensor | None = None,
         input_moment: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple["BasisLinear", float]:
         """Compress an nn.Linear(H, V) (k-means PQ of its weight). Returns the module and the relative error.
 
@@ -77,12 +80,13 @@ class BasisLinear(nn.Module):
         input_moment: optional (H, H) second moment E[x x^T] of the layer's inputs: fit the codebook to the error of
         the outputs (`hf_basis.compress.activation_aware`). Not with `codebook`.
         A frozen layer (weight / bias with requires_grad False) gets frozen centroids / bias.
+        progress: optional callback (k-means iterations done, expected total), for a progress bar.
         """
         error = float("nan")
         if codebook is None:
             codebook, error = Codebook.from_weight(
                 linear.weight, num_basis, num_clusters, seed=seed, sample_weight=sample_weight,
-                input_moment=input_moment,
+                input_moment=input_moment, progress=progress,
             )
             codebook.centroids.requires_grad_(linear.weight.requires_grad)
         elif input_moment is not None:

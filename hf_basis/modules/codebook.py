@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -65,6 +67,7 @@ class Codebook(nn.Module):
         seed: int = 0,
         sample_weight: torch.Tensor | None = None,
         input_moment: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple["Codebook", float]:
         """Product-quantize `weight` (V, D) with batched k-means on its device.
 
@@ -73,13 +76,16 @@ class Codebook(nn.Module):
         input_moment: optional (D, D) second moment E[h h^T] of the inputs that multiply the rows (an output layer's
             hidden states): the k-means result is then refined for the error of the outputs, not of the rows
             (`hf_basis.compress.activation_aware.refine_pq`).
+        progress: optional callback (k-means iterations done, expected total); see `product_quantize`.
 
         Returns the codebook (centroids in weight's dtype) and the relative reconstruction error ||W - W_q|| / ||W||
         (unweighted, also when `sample_weight` is given).
         """
         V, D = weight.shape
         book = cls(V, D, num_basis, num_clusters, device=weight.device, dtype=weight.dtype)
-        result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed, sample_weight=sample_weight)
+        result = product_quantize(
+            weight.detach(), num_basis, num_clusters, seed=seed, sample_weight=sample_weight, progress=progress
+        )
         codes, centroids, error = result.codes, result.centroids, result.relative_error
         if input_moment is not None:
             codes, centroids, _ = refine_pq(weight, codes, centroids, input_moment, sample_weight)

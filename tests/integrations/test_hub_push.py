@@ -59,7 +59,7 @@ CLIENT = textwrap.dedent(
     result["still_first_version"] = torch.equal(logits(again, ids), logits(loaded, ids))
 
     # 3. the CLI: hf-basis push DIR REPO
-    from hf_basis.cli import main
+    from hf_basis_cli import main
     model.save_pretrained(out_dir)
     result["cli"] = main(["push", out_dir, "user/from-cli"])
     from_cli = AutoModelForCausalLM.from_pretrained("user/from-cli")
@@ -110,7 +110,7 @@ def test_push_and_load_through_a_local_hub(tmp_path):
         assert set(hub.files("user/tiny", result["model_commit"])) >= {"config.json", "model.safetensors", "README.md"}
         card = files["README.md"].decode()
         for text in ("hf_basis", "basis embedding", "num_basis | `4`", "num_clusters | `16`", "x** on the compressed",
-                     "pip install hf_basis", "import hf_basis"):  # fmt: skip
+                     "python -m build", "import hf_basis"):  # fmt: skip
             assert text in card, text
         assert 'AutoModelForCausalLM.from_pretrained("user/tiny")' in card
 

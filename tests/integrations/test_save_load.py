@@ -152,7 +152,7 @@ def test_model_card_states_method_settings_ratio_and_loading(tmp_path):
     card = (tmp_path / "README.md").read_text()
     ratio = hf_basis.report(model).compression_ratio
     for text in ("Notes the user wrote.", "hf_basis", "num_basis | `4`", "num_clusters | `16`", f"{ratio:.1f}x",
-                 "pip install hf_basis", "import hf_basis", "AutoModelForCausalLM.from_pretrained"):  # fmt: skip
+                 "python -m build", "import hf_basis", "AutoModelForCausalLM.from_pretrained"):  # fmt: skip
         assert text in card, text
     model.save_pretrained(tmp_path)  # the section is replaced, not appended twice
     assert (tmp_path / "README.md").read_text().count("## Compressed with hf_basis") == 1

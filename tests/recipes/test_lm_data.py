@@ -1,8 +1,11 @@
 """Recipe data and trainer pieces: word-level tokenizer, cached tokenisation, stream layouts (BPTT order, DDP split),
 the shipped perplexity metric, and BPTTTrainer's stateful evaluation."""
 
+import io
+import json
 import math
 import os
+import subprocess
 import sys
 
 import evaluate
@@ -22,6 +25,8 @@ from lm_data import BlockDataset, BPTTBatches, build_tokenizer, load_corpus, tok
 from lm_trainer import BPTTTrainer, LMTrainer, PerplexityMetric, SGDWithAdamGroups, token_nll  # noqa: E402
 
 LINES = [" the cat sat on the mat ", " the dog sat ", "", " a zebra ran "]
+TESTS = os.path.join(os.path.dirname(__file__), "..")
+RECIPES = os.path.join(TESTS, "..", "recipes")
 
 
 @pytest.fixture
@@ -33,14 +38,15 @@ def corpus_dir(tmp_path):
     return str(d)
 
 
-def test_tokenizer_word_level_with_eos(tmp_path):
+def test_tokenizer_word_level_prompts_without_eos(tmp_path):
+    """A prompt encodes to its words only: generate() must not continue after an appended <eos> (issue 16, 8)."""
     tok = build_tokenizer(LINES)
     assert tok.convert_tokens_to_ids(["<unk>", "<eos>", "the", "sat"]) == [0, 1, 2, 3]  # specials, then by count
     assert len(tok) == 2 + len({w for line in LINES for w in line.split()})
     ids = tok(" the cat flew ")["input_ids"]
-    assert ids == [2, tok.convert_tokens_to_ids("cat"), 0, 1]  # unknown word -> <unk>, <eos> appended
-    assert tok("", add_special_tokens=True)["input_ids"] == [1]  # an empty line is one <eos>
-    assert tok(" the cat ", add_special_tokens=False)["input_ids"] == [2, tok.convert_tokens_to_ids("cat")]
+    assert ids == [2, tok.convert_tokens_to_ids("cat"), 0]  # unknown word -> <unk>, no <eos>
+    assert tok(" the cat flew ", add_special_tokens=True)["input_ids"] == ids
+    assert tok("")["input_ids"] == []
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(" the cat flew ")["input_ids"] == ids
@@ -52,7 +58,7 @@ def test_tokenizer_from_dict_file(tmp_path):
     vocab.write_text("zebra 3\nthe 10\n<eos> 5\n")  # extra columns (counts) are ignored
     tok = build_tokenizer(vocab_file=str(vocab))
     assert tok.convert_tokens_to_ids(["zebra", "the", "<eos>", "<unk>"]) == [0, 1, 2, 3]
-    assert tok(" the cat ")["input_ids"] == [1, 3, 2]
+    assert tok(" the cat ")["input_ids"] == [1, 3]
     vocab.write_text("a\na\n")
     with pytest.raises(ValueError, match="twice"):
         build_tokenizer(vocab_file=str(vocab))
@@ -69,9 +75,11 @@ def test_load_corpus_from_files_and_cached_tokenisation(corpus_dir, tmp_path):
     first = tokenize(raw, tok)
     assert lm_data.ENCODE_CALLS == calls + 3  # one batch per split
     stream = token_stream(first["train"])
-    expected = [i for line in LINES for i in tok(line)["input_ids"]]
+    eos = tok.eos_token_id
+    expected = [i for line in LINES for i in [*tok(line)["input_ids"], eos]]  # the training data ends lines in <eos>
+    assert expected.count(eos) == len(LINES)
     assert stream.tolist() == expected and stream.dtype == torch.int64
-    picked = tok(LINES[1])["input_ids"] + tok(LINES[3])["input_ids"]
+    picked = tok(LINES[1])["input_ids"] + [eos] + tok(LINES[3])["input_ids"] + [eos]
     assert token_stream(first["train"].select([1, 3])).tolist() == picked
     assert token_stream(first["train"], max_tokens=5).tolist() == expected[:5]
     # A second run (new load, same files and vocabulary) reads the Arrow cache instead of encoding again.
@@ -81,6 +89,105 @@ def test_load_corpus_from_files_and_cached_tokenisation(corpus_dir, tmp_path):
     # Another vocabulary must not hit that cache.
     tokenize(raw, build_tokenizer(LINES + [" new words "]))
     assert lm_data.ENCODE_CALLS == calls + 6
+
+
+def test_unreachable_corpus_is_one_line_that_names_data_dir(tmp_path, monkeypatch, capsys):
+    """Offline, `make train` printed a 70-line traceback twice and never mentioned --data_dir (issue 16, point 1).
+    conftest sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, so the Hub cannot be reached here."""
+    import train_ptb
+    import train_wikitext
+
+    with pytest.raises(lm_data.CorpusNotFound, match="ptb-text-only/ptb_text_only.*--data_dir DIR"):
+        load_corpus("ptb", cache_dir=str(tmp_path / "cache"))
+    for script, defaults, files in ((train_ptb, train_ptb.PTB_DEFAULTS, "ptb.train.txt, ptb.valid.txt, ptb.test.txt"),
+                                    (train_wikitext, train_wikitext.WIKITEXT_DEFAULTS, "wiki.train.tokens")):
+        monkeypatch.setattr(sys, "argv", [script.__file__, "--output_dir", str(tmp_path / "out"),
+                                          "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.run(defaults)
+        message = str(exit_info.value.code)  # sys.exit(str): printed on stderr, exit status 1
+        assert message.startswith("error: could not load") and "\n" not in message
+        assert files in message and 'make train ARGS="--data_dir DIR"' in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(lm_data.CorpusNotFound, match="ptb.train.txt"):
+        load_corpus("ptb", str(tmp_path / "nowhere"))  # a FileNotFoundError, as before
+
+
+def _parquet(column: str, rows: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({column: rows}), buffer)
+    return buffer.getvalue()
+
+
+HUB_CLIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from lm_data import load_corpus
+corpora = {name: load_corpus(name, cache_dir=sys.argv[2]) for name in ("ptb", "wikitext-2")}
+print("RESULT " + json.dumps({name: {split: ds["text"][:] for split, ds in raw.items()} for name, raw in corpora.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_default_corpora_load_from_the_hub_layout(tmp_path):
+    """The recipes' default data path (no --data_dir) through datasets' real Hub client, against the local Hub
+    serving both corpora in the Hub's layout (issue 16, point 11): PTB's script-based main branch and its parquet
+    export (penn_treebank/{split}/0000.parquet, no dataset card), WikiText's parquet files named by the card's
+    `configs`. It found that PTB's config must be read as a folder of the export: by name, datasets refused it."""
+    from hub_server import HubServer
+
+    splits = ("train", "validation", "test")
+    ptb = {split: [f" {split} sentence one ", f" the {split} two "] for split in splits}
+    wiki = {split: [" = Title = ", "", f" {split} text @-@ here "] for split in splits}
+    card = "\n".join(["---", "configs:"] + [
+        line for cfg in ("wikitext-2-raw-v1", "wikitext-2-v1")
+        for line in [f"- config_name: {cfg}", "  data_files:"]
+        + [f"  - split: {split}\n    path: {cfg}/{split}-*" for split in splits]] + ["---", "# WikiText"])  # fmt: skip
+    with HubServer() as hub:
+        hub.add_dataset("ptb-text-only/ptb_text_only", {"README.md": b"# PTB", "ptb_text_only.py": b"# a script"})
+        hub.add_dataset("ptb-text-only/ptb_text_only", {f"penn_treebank/{split}/0000.parquet":
+                        _parquet("sentence", rows) for split, rows in ptb.items()}, branch="refs/convert/parquet")
+        wiki_files = {f"{cfg}/{split}-00000-of-00001.parquet": _parquet("text", [f"{cfg}:{r}" for r in rows])
+                      for cfg in ("wikitext-2-raw-v1", "wikitext-2-v1") for split, rows in wiki.items()}
+        hub.add_dataset("Salesforce/wikitext", {"README.md": card.encode(), **wiki_files})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+        run = subprocess.run([sys.executable, "-c", HUB_CLIENT, RECIPES, str(tmp_path / "cache")],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["ptb"] == ptb  # column "sentence" renamed to "text", every split
+    assert result["wikitext-2"] == {split: [f"wikitext-2-v1:{r}" for r in rows] for split, rows in wiki.items()}
+    assert any("/datasets/ptb-text-only/ptb_text_only/resolve/" in path for _, path in hub.requests)
+
+
+def test_readme_generation_from_a_saved_ptb_model(tmp_path, monkeypatch):
+    """The README's three lines that generate from a `make train` output folder (issue 16, point 8)."""
+    import hf_basis
+
+    tokenizer = build_tokenizer(LINES)
+    config = LSTMLMConfig(vocab_size=len(tokenizer), emsize=16, nhid=16, nlayers=1, eos_token_id=tokenizer.eos_token_id)
+    model = LSTMLMForCausalLM(config)
+    hf_basis.convert(model, num_basis=4, num_clusters=4, modules="output")
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained("outputs/ptb_basis_output")
+    tokenizer.save_pretrained("outputs/ptb_basis_output")
+
+    from transformers import AutoModelForCausalLM
+
+    # --- as printed in the README ("Generate from a trained model") ---
+    model = AutoModelForCausalLM.from_pretrained("outputs/ptb_basis_output")
+    tokenizer = AutoTokenizer.from_pretrained("outputs/ptb_basis_output")
+    ids = tokenizer("the cat sat", return_tensors="pt").input_ids                 # the prompt, no <eos>
+    print(tokenizer.decode(model.generate(ids, max_new_tokens=20, do_sample=True)[0]))
+    # ---
+    assert ids.tolist() == [tokenizer.convert_tokens_to_ids(["the", "cat", "sat"])]
+    assert type(model.get_output_embeddings()).__name__ == "BasisLinear"
 
 
 def test_bptt_batches_read_each_column_in_order():
