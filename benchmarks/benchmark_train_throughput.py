@@ -22,7 +22,8 @@ Several GPUs (`--num-processes N`, plain loop only): the script relaunches itsel
 (DistributedDataParallel) or `fsdp2` (`hf_basis.integrations.distributed.fully_shard_compressed`: one FSDP2 group per
 decoder block, embedding + head in one). tokens/s counts all processes; peak GiB is the largest of any GPU.
 
-    PYTHONPATH=. python benchmarks/benchmark_train_throughput.py --loops plain --heads dense,basis --num-processes 2 --parallel ddp
+    PYTHONPATH=. python benchmarks/benchmark_train_throughput.py --loops plain --heads dense,basis \
+        --num-processes 2 --parallel ddp
     # -> benchmarks/results/train_throughput_2x-ddp_<gpu>.json; compare tokens/s with the --num-processes 1 run
 """
 

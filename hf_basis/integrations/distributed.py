@@ -51,7 +51,9 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"  # FSDP2 / tensor parallel shards; each rank holds another part
 
 
-def compressed_tensors(model: nn.Module, *, buffers: bool = True, parameters: bool = True) -> list[tuple[str, torch.Tensor]]:
+def compressed_tensors(
+    model: nn.Module, *, buffers: bool = True, parameters: bool = True
+) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every buffer and/or parameter held by the model's compressed layers (codes, centroids,
     bias, packed values, levels), each shared tensor once (a tied codebook), in module order."""
     seen: set[int] = set()
@@ -164,7 +166,8 @@ def fully_shard_compressed(model: nn.Module, block_classes: tuple[type, ...] | N
     ends = []
     for get in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, get, lambda: None)()
-        if module is not None and all(module is not m for m in ends) and any(p.requires_grad for p in module.parameters()):
+        trains = module is not None and any(p.requires_grad for p in module.parameters())
+        if trains and all(module is not m for m in ends):
             ends.append(module)
     if ends:
         # Not resharded after forward: a basis head's lazy logits keep using its centroids until the loss (and they

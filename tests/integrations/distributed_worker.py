@@ -106,7 +106,7 @@ def trainer_dataset():
 
 
 def trainer_run(model_dir: str, out_dir: str, resume: str | None = None):
-    """Train the saved model `model_dir` with transformers.Trainer (4 steps, checkpoints every 2) -> (trainer, losses)."""
+    """Train the saved model `model_dir` with the Trainer (4 steps, checkpoint every 2) -> (trainer, losses)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = transformers.Trainer(model=model, args=trainer_args(out_dir), train_dataset=trainer_dataset(),
                                    callbacks=[hd.SameCompressedStateCallback()])
