@@ -51,21 +51,15 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"  # FSDP2 / tensor parallel shards; each rank holds another part
 
 
-def compressed_tensors(
-    model: nn.Module, *, buffers: bool = True, parameters: bool = True
-) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every buffer and/or parameter held by the model's compressed layers (codes, centroids,
-    bias, packed values, levels), each shared tensor once (a tied codebook), in module order."""
+def compressed_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every buffer and parameter held by the model's compressed layers (codes, centroids, bias,
+    packed values, levels), each shared tensor once (a tied codebook), in module order."""
     seen: set[int] = set()
     found = []
     for module_name, module in model.named_modules():
         if not isinstance(module, COMPRESSED_MODULES):
             continue
-        named = []
-        if buffers:
-            named += list(module.named_buffers(prefix=module_name))
-        if parameters:
-            named += list(module.named_parameters(prefix=module_name))
+        named = [*module.named_buffers(prefix=module_name), *module.named_parameters(prefix=module_name)]
         for name, tensor in named:
             if id(tensor) not in seen:
                 seen.add(id(tensor))

@@ -114,6 +114,22 @@ def trainer_run(model_dir: str, out_dir: str, resume: str | None = None):
     return trainer, [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
+def accelerate_fsdp2(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """accelerate's own FSDP2 grouping (what accelerate_fsdp2.yaml runs on GPUs; its plugin refuses CPUs, so the
+    function is called here with the few accelerator fields it reads)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"),
+                                  parallelism_config=None)  # fmt: skip
+    return fsdp2_prepare_model(accelerator, model)
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -164,6 +180,14 @@ def main(out: str) -> None:
         model = converted(case)
         hd.fully_shard_compressed(model)
         result[f"fsdp2_{case}"] = _losses(lambda: train_losses(model, rank, world))
+        if case == "basis_tied_gpt2":  # FSDP2 full state dict -> save_pretrained on rank 0 -> loads on one process
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                model.save_pretrained(os.path.join(out, "fsdp2_final"), state_dict=state)
+        model = converted(case)
+        result[f"accelerate_fsdp2_{case}"] = _losses(lambda: train_losses(accelerate_fsdp2(model, rank), rank, world))
 
     # The rule fully_shard_compressed follows: a tied codebook in two groups is refused by torch.
     from torch.distributed.fsdp import fully_shard

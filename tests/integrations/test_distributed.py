@@ -72,7 +72,8 @@ def test_a_rank_converted_with_another_seed_fails_clearly_and_a_broadcast_repair
 def test_two_processes_match_one_with_the_same_global_batch(two_ranks, case):
     ranks, _ = two_ranks
     one = worker.train_losses(worker.converted(case), rank=0, world=1)  # batch 4 in one process
-    for wrapper in ("ddp", "ddp_find_unused", "fsdp2"):
+    wrappers = ["ddp", "ddp_find_unused", "fsdp2"] + (["accelerate_fsdp2"] if case != "basis_tied_gpt2" else [])
+    for wrapper in wrappers:
         key = f"ddp_{case}_find_unused" if wrapper == "ddp_find_unused" else f"{wrapper}_{case}"
         for r in ranks:
             assert "error" not in r[key], (key, r[key])
@@ -100,10 +101,25 @@ def test_the_fused_loss_stays_fused_under_fsdp2(two_ranks, case):
 
 
 def test_a_tied_codebook_in_two_fully_shard_groups_is_refused(two_ranks):
-    """The rule `fully_shard_compressed` follows (embedding and head in one group) is torch's, checked here."""
+    """The rule `fully_shard_compressed` follows (embedding and head in one group) is torch's, checked here. accelerate's
+    FSDP2 grouping detects a tie by `input_embed.weight is output_embed.weight`, which a basis layer's decoded
+    `.weight` never is: it splits a tied codebook too (README: apply fully_shard_compressed first)."""
     ranks, _ = two_ranks
     for r in ranks:
         assert r["tied_in_two_groups_error"] is not None
+        assert "error" in r["accelerate_fsdp2_basis_tied_gpt2"]
+
+
+def test_an_fsdp2_full_state_dict_saves_and_loads_on_one_process(two_ranks):
+    ranks, out = two_ranks
+    reference = worker.converted("basis_tied_gpt2")
+    worker.train_losses(reference, rank=0, world=1)  # the same steps in one process
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "fsdp2_final")
+    assert loaded.config.quantization_config.to_dict()["quant_method"] == "hf_basis"
+    assert loaded.get_input_embeddings().codebook is loaded.get_output_embeddings().codebook
+    expected = reference.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_trainer_under_ddp_matches_one_process_resumes_exactly_and_loads_on_one_process(two_ranks, tmp_path):
