@@ -131,6 +131,7 @@ def test_trainer_under_ddp_matches_one_process_resumes_exactly_and_loads_on_one_
         # resumed from the step-2 checkpoint: the same last two losses and the same final weights, bit for bit
         assert r["resumed_losses"][2:] == r["trainer_losses"][2:]
         assert r["resumed_state_equal"]
+        assert r["trainer_materialized"] == 0  # ddp_find_unused_parameters=False: the loss stayed fused
     assert ranks[0]["trainer_state"] == ranks[1]["trainer_state"]
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
