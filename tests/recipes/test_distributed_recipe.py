@@ -14,6 +14,15 @@ import hf_basis
 from test_train_recipes import REPO, TINY, tiny_corpus  # noqa: F401  (tiny_corpus is a fixture)
 
 
+def test_the_accelerate_configs_load_as_ddp_and_fsdp2():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ddp = load_config_from_file(os.path.join(REPO, "recipes", "configs", "accelerate_ddp.yaml"))
+    fsdp = load_config_from_file(os.path.join(REPO, "recipes", "configs", "accelerate_fsdp2.yaml"))
+    assert ddp.distributed_type == "MULTI_GPU" and ddp.num_processes == 2
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+
+
 @pytest.mark.slow
 def test_ptb_recipe_trains_with_two_processes_through_the_accelerate_ddp_config(tiny_corpus, tmp_path):  # noqa: F811
     out = tmp_path / "run"
