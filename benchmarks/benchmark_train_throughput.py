@@ -16,6 +16,15 @@ Reports tokens/s over the timed steps (plain: CUDA events; Trainer: wall time be
 host-side work counts), ms per step and the peak allocated memory (GiB) over the timed steps.
 
     PYTHONPATH=. python benchmarks/benchmark_train_throughput.py     # -> benchmarks/results/train_throughput_<gpu>.json
+
+Several GPUs (`--num-processes N`, plain loop only): the script relaunches itself with `torchrun --standalone
+--nproc_per_node N`; each process trains batch `--batch` on its GPU, the model wrapped by `--parallel ddp`
+(DistributedDataParallel) or `fsdp2` (`hf_basis.integrations.distributed.fully_shard_compressed`: one FSDP2 group per
+decoder block, embedding + head in one). tokens/s counts all processes; peak GiB is the largest of any GPU.
+
+    PYTHONPATH=. python benchmarks/benchmark_train_throughput.py --loops plain --heads dense,basis \
+        --num-processes 2 --parallel ddp
+    # -> benchmarks/results/train_throughput_2x-ddp_<gpu>.json; compare tokens/s with the --num-processes 1 run
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +43,7 @@ from bench_utils import result_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hf_basis.integrations.distributed import fully_shard_compressed  # noqa: E402
 from hf_basis.integrations.fused_loss import install_fused_loss  # noqa: E402
 from hf_basis.modules.basis_embedding import BasisEmbedding  # noqa: E402
 from hf_basis.modules.basis_linear import BasisLinear  # noqa: E402
@@ -75,8 +87,28 @@ def build(head: str, args, dtype: torch.dtype) -> torch.nn.Module:
 LOOPS = {"plain": torch.bfloat16, "trainer": torch.bfloat16, "trainer_fp32": torch.float32}  # loop -> weight dtype
 
 
+PARALLEL = ("ddp", "fsdp2")
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def wrap(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The model the loop trains: itself in one process, else DDP or FSDP2 over the processes."""
+    if world_size() == 1:
+        return model
+    if args.parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    return fully_shard_compressed(model)
+
+
 def random_batches(args) -> list[torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(rank())  # each process its own batches
     return [torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=g) for _ in range(4)]
 
 
@@ -143,10 +175,16 @@ def time_trainer(model: torch.nn.Module, args) -> tuple[float, float]:
 def run(head: str, loop: str, args) -> dict:
     model = build(head, args, LOOPS[loop])
     params = sum(p.numel() for p in model.parameters())
-    ms, loss = (time_plain_loop if loop == "plain" else time_trainer)(model, args)
+    ms, loss = (time_plain_loop if loop == "plain" else time_trainer)(wrap(model, args), args)
+    # Every process: its step time and peak; the slowest step and the largest peak count.
+    stats = torch.tensor([ms, torch.cuda.max_memory_allocated() / GiB], device="cuda")
+    if world_size() > 1:
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+    ms, peak = stats.tolist()
     result = {
-        "loop": loop, "head": head, "params": params, "step_ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated() / GiB, "loss": loss,
+        "loop": loop, "head": head, "params": params, "step_ms": ms,
+        "tokens_per_s": world_size() * args.batch * args.seq / ms * 1e3, "peak_gib": peak, "loss": loss,
+        "processes": world_size(), "parallel": args.parallel if world_size() > 1 else None,
     }
     del model
     gc.collect()
@@ -167,7 +205,24 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--ce-config", default=None, help="JSON of Triton launcher configs (benchmark_basis_ce.py --tune)")
+    p.add_argument("--num-processes", type=int, default=1, help="GPUs (one process each, relaunched with torchrun)")
+    p.add_argument("--parallel", default="ddp", help=f"with --num-processes > 1: one of {list(PARALLEL)}")
     args = p.parse_args()
+    if args.num_processes < 1:
+        p.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.parallel not in PARALLEL:
+        p.error(f"--parallel must be one of {list(PARALLEL)}, got {args.parallel!r}")
+    if args.num_processes > 1 and args.loops != "plain":
+        p.error(f"--num-processes > 1 times the plain loop only: pass --loops plain (got {args.loops!r})")
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:  # relaunch: one process per GPU
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(args.num_processes), __file__, *sys.argv[1:]]
+        sys.exit(subprocess.call(command))
+    if args.num_processes > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl")
+        if world_size() != args.num_processes:
+            p.error(f"--num-processes {args.num_processes} but torchrun started {world_size()} processes")
     if args.ce_config:
         from benchmarks.benchmark_basis_ce import apply_ce_config
 
@@ -186,8 +241,14 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
             results.append(r)
-            print(json.dumps(r), flush=True)
-    lines = [f"device: {name}; Llama 12 x 768, V={args.vocab}, batch {args.batch} x {args.seq}, AdamW",
+            if rank() == 0:
+                print(json.dumps(r), flush=True)
+    if rank() != 0:
+        torch.distributed.destroy_process_group()
+        return
+    gpus = f"{world_size()} GPUs ({args.parallel}), batch {args.batch} x {args.seq} each" if world_size() > 1 else (
+        f"batch {args.batch} x {args.seq}")
+    lines = [f"device: {name}; Llama 12 x 768, V={args.vocab}, {gpus}, AdamW",
              f"{'loop':>12} | {'head':>12} | {'tokens/s':>10} | {'step ms':>8} | {'peak GiB':>8} | vs dense"]
     for r in results:
         if "error" in r:
@@ -200,12 +261,15 @@ def main():
                      f"{r['peak_gib']:8.2f} | {ratio}")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out) if args.out else result_path("train_throughput", "cuda")
+    prefix = f"train_throughput_{world_size()}x-{args.parallel}" if world_size() > 1 else "train_throughput"
+    out = Path(args.out) if args.out else result_path(prefix, "cuda")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                "ce_config_override": args.ce_config,
                                "setting": vars(args), "results": results, "table": table}, indent=2) + "\n")
     print(f"wrote {out}")
+    if world_size() > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 import hf_basis
+from hf_basis.integrations.distributed import SameCompressedStateCallback, broadcast_compressed_state
 from hf_basis.models.lstm import LSTMLMConfig
 from lm_data import CORPORA, BlockDataset, BPTTBatches, build_tokenizer, load_corpus, token_stream, tokenize
 from lm_trainer import (
@@ -271,7 +272,7 @@ def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp
         processing_class=tokenizer,
         compute_metrics=metric,
         preprocess_logits_for_metrics=token_nll,
-        callbacks=[stopper],
+        callbacks=[stopper, SameCompressedStateCallback()],  # several processes: same codes on every rank
     )
 
 
@@ -315,6 +316,9 @@ def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts
         nbit=comp_args.nbit, modules=comp_args.basis_modules, seed=comp_args.compression_seed,
         token_frequencies=token_counts, head_input_moment=moment,
     )
+    # Several processes: each converted its own copy (the LSTM's ranks even calibrate on their own streams); train
+    # rank 0's everywhere (FSDP2 would not copy the buffers; DDP would, silently).
+    broadcast_compressed_state(model)
 
 
 @contextlib.contextmanager
