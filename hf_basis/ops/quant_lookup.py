@@ -6,7 +6,8 @@
 The bit layout is `hf_basis.compress.packing`'s (row-wise little-endian stream). Only the looked-up rows are unpacked:
 the dense (V, D) table is never built.
 
-This file holds the PyTorch reference (CPU path and test oracle), the Triton kernel and the dispatch between them.
+This file holds the PyTorch reference (CPU path and test oracle), the Triton kernel and the custom op that
+dispatches between them.
 Measured on an H100 (benchmarks/benchmark_quant_embedding.py, 8192 tokens x 4096, fp16 out): 61-69% of the copy
 bandwidth at 2/4/8 bits; 16 bits reach only ~18%, bound by random gathers from the 256 KiB level table.
 """
@@ -186,6 +187,20 @@ def quant_lookup_triton(
     return out.reshape(*indices.shape, dim)
 
 
+@torch.library.custom_op("hf_basis::quant_lookup", mutates_args=())
+def _quant_lookup_op(
+    packed: torch.Tensor, levels: torch.Tensor, indices: torch.Tensor, nbit: int, dim: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    if use_triton(packed, levels, indices):
+        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype)
+    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)
+
+
+@_quant_lookup_op.register_fake
+def _(packed, levels, indices, nbit, dim, out_dtype):
+    return packed.new_empty(*indices.shape, dim, dtype=out_dtype)
+
+
 def quant_lookup(
     packed: torch.Tensor,
     levels: torch.Tensor,
@@ -199,7 +214,7 @@ def quant_lookup(
 
     Runs the Triton kernel on CUDA, the PyTorch reference elsewhere
     (or everywhere with HF_BASIS_DISABLE_TRITON=1). Not differentiable: the table is frozen.
+    A custom op (`torch.ops.hf_basis.quant_lookup`): torch.compile / torch.export keep it whole in their graphs.
     """
-    if use_triton(packed, levels, indices):
-        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype)
-    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)
+    _check_args(packed, levels, indices, nbit, dim, out_dtype)  # before tracing, so that errors name the argument
+    return _quant_lookup_op(packed, levels, indices, nbit, dim, out_dtype)
