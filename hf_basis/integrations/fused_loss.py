@@ -10,10 +10,11 @@ transformers' causal LMs all end the same way:
 
 1. A forward pre-hook on the model arms its BasisLinear head for the duration of a call that has `labels` (or
    `shift_labels`); a forward hook disarms it (also on errors). An armed head in training mode with grad enabled
-   returns a `LazyLogits` (hf_basis.modules.lazy_logits): a storage-less tensor holding the head's inputs.
+   returns a `LazyLogits` (hf_basis.modules.lazy_logits): a storage-less tensor holding the head's inputs (under
+   torch.compile / torch.export, which cannot create it: the real logits, carrying those inputs).
 2. `model.loss_function` is replaced by `FusedCausalLMLoss`, which on a LazyLogits shifts the labels like
-   ForCausalLMLoss and calls `hf_basis.ops.basis_cross_entropy` on the hidden states (sum / num_items_in_batch
-   when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real logits, a LazyLogits that
+   ForCausalLMLoss and calls `hf_basis.ops.basis_cross_entropy` on the hidden states (`fused_head_inputs`; sum /
+   num_items_in_batch when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real logits, a LazyLogits that
    some code already materialised or transformed) goes to the original ForCausalLMLoss unchanged.
 
 So evaluation, generation, `logits_to_keep`, calls without labels and eval mode all return real logits, and any code

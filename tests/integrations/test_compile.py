@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) and torch.export through converted models: the hf_basis custom ops stay whole in
-the graph (no graph break), and compiled / exported results match eager ones.
+the graph (no graph break), and compiled / exported results (forward, fused-loss training step, static-cache
+generation) match eager ones.
 
 CPU, tiny models, backend "aot_eager" (one small "inductor" test). Before the ops were custom ops a tiny converted
 Llama broke the graph 8 times in a forward with grad and 7 times in a training step with labels.
@@ -111,6 +112,25 @@ def test_compiled_training_step_uses_fused_loss(arch):
     assert "hf_basis.basis_cross_entropy.default" in ops  # the loss went through the fused op
 
 
+def test_compiled_loss_only_never_decodes_the_logits(monkeypatch):
+    """Compiling a function that returns only the loss lets the compiler drop the head's logits: the decode op never
+    runs (the fused loss works from the hidden states)."""
+    from hf_basis.ops import basis_decode as decode_module
+
+    calls = []
+    reference = decode_module.basis_decode_reference
+    monkeypatch.setattr(decode_module, "basis_decode_reference", lambda *args: calls.append(1) or reference(*args))
+    model = _model("llama").train()
+    ids = _ids()
+    model(input_ids=ids)  # no labels: real logits, through the decode op
+    assert calls
+    calls.clear()
+    torch._dynamo.reset()
+    step = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="aot_eager", fullgraph=True)
+    step(ids).backward()
+    assert not calls and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_compiled_quant_forward():
     model = _model("llama", method="quant").eval()
     compiled, ops = _compile(model)
@@ -119,6 +139,17 @@ def test_compiled_quant_forward():
         torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
     assert _graph_breaks() == 0
     assert "hf_basis.quant_lookup.default" in ops
+
+
+def test_compiled_generation_with_static_cache():
+    model = _model("llama").eval()
+    ids = _ids()[:, :5]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static",
+              "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
+    ref = model.generate(ids, **kwargs)
+    model.forward, ops = _compile(model.forward)
+    assert torch.equal(model.generate(ids, **kwargs), ref)
+    assert _graph_breaks() == 0 and "hf_basis.basis_decode.default" in ops
 
 
 def test_export_inference_and_training_forward():
