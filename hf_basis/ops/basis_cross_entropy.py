@@ -41,6 +41,7 @@ import torch
 
 from hf_basis.ops.basis_decode import basis_decode_backward_reference, basis_decode_reference
 from hf_basis.ops.basis_linear import centroid_scores, centroid_scores_backward
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 
 __all__ = ["basis_cross_entropy", "lse_reference", "forward_stats_reference", "ce_grad_reference"]
@@ -172,14 +173,13 @@ def _one_pass(P, codes, need_bias, softcap, label_smoothing) -> bool:
             and not need_bias and not (P.is_cuda and torch.cuda.is_current_stream_capturing()))  # its check syncs
 
 
-@torch.library.custom_op("hf_basis::basis_cross_entropy", mutates_args=())
-def _cross_entropy_op(
+def _cross_entropy_impl(
     hidden: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, impl: str,
     chunk: int | None, need_hidden: bool, need_centroids: bool, need_bias: bool, grads_in_forward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B), bias (V,) or None, labels (T,) ->
-    (loss, grad_hidden, grad_centroids, grad_bias, P, stats, count).
+    """The op `hf_basis::basis_cross_entropy`. hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B),
+    bias (V,) or None, labels (T,) -> (loss, grad_hidden, grad_centroids, grad_bias, P, stats, count).
 
     With `grads_in_forward` (a scalar loss whose gradient will be needed; see `basis_cross_entropy`) the forward also
     computes the gradients the `need_*` flags ask for, for an upstream gradient of 1, and the backward only scales
@@ -225,8 +225,7 @@ def _cross_entropy_op(
     return loss, *grads, empty.clone(), empty.clone(), empty.clone()
 
 
-@_cross_entropy_op.register_fake
-def _(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, impl, chunk,
+def _cross_entropy_fake(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, impl, chunk,
       need_hidden, need_centroids, need_bias, grads_in_forward):
     T = hidden.shape[0]
     B, K, _ = centroids.shape
@@ -244,14 +243,14 @@ def _(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smo
     return loss, *grads, P, stats, count
 
 
-@torch.library.custom_op("hf_basis::basis_cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(
+def _cross_entropy_backward_impl(
     grad_out: torch.Tensor, hidden: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
     bias: torch.Tensor | None, P: torch.Tensor, stats: torch.Tensor, labels: torch.Tensor, count: torch.Tensor,
     reduction: str, softcap: float | None, impl: str, chunk: int | None, need_hidden: bool, need_centroids: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of hidden, centroids and bias (empty where not needed) for upstream gradient `grad_out`."""
+    """The op `hf_basis::basis_cross_entropy_backward`: gradients of hidden, centroids and bias (empty where not
+    needed) for upstream gradient `grad_out`."""
     scale = grad_out.float().contiguous() if reduction == "none" else grad_out.float().reshape(1)
     if reduction == "mean":
         scale = scale / count
@@ -261,8 +260,7 @@ def _cross_entropy_backward_op(
     return tuple(g if g is not None else empty.clone() for g in grads)
 
 
-@_cross_entropy_backward_op.register_fake
-def _(grad_out, hidden, centroids, codes, bias, P, stats, labels, count, reduction, softcap, impl, chunk,
+def _cross_entropy_backward_fake(grad_out, hidden, centroids, codes, bias, P, stats, labels, count, reduction, softcap, impl, chunk,
       need_hidden, need_centroids, need_bias):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             hidden.new_empty(centroids.shape if need_centroids else (0,)),
@@ -284,7 +282,9 @@ def _cross_entropy_setup_context(ctx, inputs, output):
 
 def _cross_entropy_backward(ctx, grad_out, *_unused):
     if ctx.grads_in_forward:
-        grads = [g * grad_out if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]  # out of place
+        present = [g for g, need in zip(ctx.saved_tensors, ctx.needs) if need]
+        scaled = iter(torch._foreach_mul(present, grad_out))  # one launch; out of place (retain_graph reuses)
+        grads = [next(scaled) if need else None for need in ctx.needs]
     elif not any(ctx.needs):
         grads = [None, None, None]
     else:
@@ -296,7 +296,10 @@ def _cross_entropy_backward(ctx, grad_out, *_unused):
     return (grad_hidden, grad_centroids, None, grad_bias) + (None,) * 12
 
 
-_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup_context)
+_cross_entropy_backward_op = hf_basis_op("basis_cross_entropy_backward", _cross_entropy_backward_impl,
+                                         _cross_entropy_backward_fake)
+_cross_entropy_op = hf_basis_op("basis_cross_entropy", _cross_entropy_impl, _cross_entropy_fake,
+                                _cross_entropy_setup_context, _cross_entropy_backward)
 
 
 def basis_cross_entropy(

@@ -20,6 +20,7 @@ import weakref
 
 import torch
 
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 
 __all__ = ["basis_decode", "basis_decode_reference", "basis_decode_backward_reference", "codes_csr"]
@@ -110,10 +111,8 @@ def codes_csr(codes: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, tor
     return csr
 
 
-@torch.library.custom_op("hf_basis::basis_decode", mutates_args=())
-def _decode_op(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The decode as a PyTorch custom op (opaque to dynamo / inductor, so compiled graphs hold it unbroken):
-    Triton on CUDA, the PyTorch reference elsewhere."""
+def _decode_impl(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op `hf_basis::basis_decode`: Triton on CUDA, the PyTorch reference elsewhere."""
     if use_triton(P, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_triton
 
@@ -121,18 +120,16 @@ def _decode_op(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) 
     return basis_decode_reference(P, codes, bias)
 
 
-@_decode_op.register_fake
-def _(P, codes, bias):
+def _decode_fake(P, codes, bias):
     return P.new_empty(P.shape[2], codes.shape[0])
 
 
-@torch.library.custom_op("hf_basis::basis_decode_backward", mutates_args=())
-def _decode_backward_op(
+def _decode_backward_impl(
     grad_logits: torch.Tensor, codes: torch.Tensor, num_clusters: int, need_bias_grad: bool,
     grad_dtype: torch.dtype, bias_grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_P (B, K, T) in grad_dtype and grad_bias (V,) in bias_grad_dtype ((0,) when not needed: an op returns
-    tensors only). The Triton path stores them directly in those dtypes (fp32 accumulation either way)."""
+    """The op `hf_basis::basis_decode_backward`: grad_P (B, K, T) in grad_dtype and grad_bias (V,) in bias_grad_dtype
+    ((0,) when not needed: an op returns tensors only). The Triton path stores them directly in those dtypes (fp32 accumulation either way)."""
     if use_triton(grad_logits, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_backward_triton
 
@@ -147,8 +144,7 @@ def _decode_backward_op(
     return grad_P, grad_bias.to(bias_grad_dtype)
 
 
-@_decode_backward_op.register_fake
-def _(grad_logits, codes, num_clusters, need_bias_grad, grad_dtype, bias_grad_dtype):
+def _decode_backward_fake(grad_logits, codes, num_clusters, need_bias_grad, grad_dtype, bias_grad_dtype):
     V, B = codes.shape
     grad_P = grad_logits.new_empty(B, num_clusters, grad_logits.shape[0], dtype=grad_dtype)
     return grad_P, grad_logits.new_empty(V if need_bias_grad else 0, dtype=bias_grad_dtype)
@@ -171,7 +167,8 @@ def _decode_backward(ctx, grad_logits: torch.Tensor):
     return grad_P if ctx.needs_input_grad[0] else None, None, grad_bias if need_bias else None
 
 
-_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup_context)
+_decode_backward_op = hf_basis_op("basis_decode_backward", _decode_backward_impl, _decode_backward_fake)
+_decode_op = hf_basis_op("basis_decode", _decode_impl, _decode_fake, _decode_setup_context, _decode_backward)
 
 
 def basis_decode(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

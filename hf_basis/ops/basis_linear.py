@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from hf_basis.ops.basis_decode import basis_decode
+from hf_basis.ops.custom_op import hf_basis_op
 
 __all__ = ["basis_linear", "centroid_scores", "centroid_scores_backward"]
 
@@ -36,21 +37,18 @@ def centroid_scores_backward(
     return grad_x, grad_centroids
 
 
-@torch.library.custom_op("hf_basis::centroid_scores", mutates_args=())
-def _centroid_scores_op(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def _centroid_scores_impl(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     T = x.shape[0]
     B, _, d = centroids.shape
     return torch.bmm(centroids, x.reshape(T, B, d).permute(1, 2, 0))  # (B, K, T)
 
 
-@_centroid_scores_op.register_fake
-def _(x, centroids):
+def _centroid_scores_fake(x, centroids):
     B, K, _ = centroids.shape
     return centroids.new_empty(B, K, x.shape[0])
 
 
-@torch.library.custom_op("hf_basis::centroid_scores_backward", mutates_args=())
-def _centroid_scores_backward_op(
+def _centroid_scores_backward_impl(
     grad_P: torch.Tensor, x: torch.Tensor, centroids: torch.Tensor, need_x: bool, need_centroids: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """centroid_scores_backward as an op: the gradients not needed come back empty (an op returns tensors only)."""
@@ -59,8 +57,7 @@ def _centroid_scores_backward_op(
     return grad_x if grad_x is not None else empty, grad_centroids if grad_centroids is not None else empty.clone()
 
 
-@_centroid_scores_backward_op.register_fake
-def _(grad_P, x, centroids, need_x, need_centroids):
+def _centroid_scores_backward_fake(grad_P, x, centroids, need_x, need_centroids):
     grad_x = x.new_empty(x.shape) if need_x else centroids.new_empty(0)
     return grad_x, centroids.new_empty(centroids.shape if need_centroids else (0,))
 
@@ -76,7 +73,10 @@ def _centroid_scores_backward(ctx, grad_P: torch.Tensor):
     return grad_x if need_x else None, grad_centroids if need_centroids else None
 
 
-_centroid_scores_op.register_autograd(_centroid_scores_backward, setup_context=_centroid_scores_setup_context)
+_centroid_scores_backward_op = hf_basis_op("centroid_scores_backward", _centroid_scores_backward_impl,
+                                           _centroid_scores_backward_fake)
+_centroid_scores_op = hf_basis_op("centroid_scores", _centroid_scores_impl, _centroid_scores_fake,
+                                  _centroid_scores_setup_context, _centroid_scores_backward)
 
 
 def centroid_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

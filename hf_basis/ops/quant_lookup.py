@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from hf_basis.compress.packing import packed_nbytes, unpack_bits
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 from hf_basis.validation import check_nbit
 
@@ -187,8 +188,7 @@ def quant_lookup_triton(
     return out.reshape(*indices.shape, dim)
 
 
-@torch.library.custom_op("hf_basis::quant_lookup", mutates_args=())
-def _quant_lookup_op(
+def _quant_lookup_impl(
     packed: torch.Tensor, levels: torch.Tensor, indices: torch.Tensor, nbit: int, dim: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     if use_triton(packed, levels, indices):
@@ -196,9 +196,11 @@ def _quant_lookup_op(
     return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)
 
 
-@_quant_lookup_op.register_fake
-def _(packed, levels, indices, nbit, dim, out_dtype):
+def _quant_lookup_fake(packed, levels, indices, nbit, dim, out_dtype):
     return packed.new_empty(*indices.shape, dim, dtype=out_dtype)
+
+
+_quant_lookup_op = hf_basis_op("quant_lookup", _quant_lookup_impl, _quant_lookup_fake)
 
 
 def quant_lookup(
