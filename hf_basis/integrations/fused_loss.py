@@ -14,8 +14,9 @@ transformers' causal LMs all end the same way:
    torch.compile / torch.export, which cannot create it: the real logits, carrying those inputs).
 2. `model.loss_function` is replaced by `FusedCausalLMLoss`, which on a LazyLogits shifts the labels like
    ForCausalLMLoss and calls `hf_basis.ops.basis_cross_entropy` on the hidden states (`fused_head_inputs`; sum /
-   num_items_in_batch when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real logits, a LazyLogits that
-   some code already materialised or transformed) goes to the original ForCausalLMLoss unchanged.
+   num_items_in_batch when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real
+   logits, a LazyLogits that some code already materialised or transformed) goes to the original ForCausalLMLoss
+   unchanged.
 
 So evaluation, generation, `logits_to_keep`, calls without labels and eval mode all return real logits, and any code
 that reads the lazy logits gets the real values (computed then: correct, just not fused). Gemma 2's final-logit

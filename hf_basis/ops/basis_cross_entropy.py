@@ -225,8 +225,8 @@ def _cross_entropy_impl(
     return loss, *grads, empty.clone(), empty.clone(), empty.clone()
 
 
-def _cross_entropy_fake(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, impl, chunk,
-      need_hidden, need_centroids, need_bias, grads_in_forward):
+def _cross_entropy_fake(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
+                        softcap, impl, chunk, need_hidden, need_centroids, need_bias, grads_in_forward):
     T = hidden.shape[0]
     B, K, _ = centroids.shape
     loss = hidden.new_empty((T,) if reduction == "none" else (), dtype=torch.float32)
@@ -260,8 +260,8 @@ def _cross_entropy_backward_impl(
     return tuple(g if g is not None else empty.clone() for g in grads)
 
 
-def _cross_entropy_backward_fake(grad_out, hidden, centroids, codes, bias, P, stats, labels, count, reduction, softcap, impl, chunk,
-      need_hidden, need_centroids, need_bias):
+def _cross_entropy_backward_fake(grad_out, hidden, centroids, codes, bias, P, stats, labels, count, reduction,
+                                 softcap, impl, chunk, need_hidden, need_centroids, need_bias):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             hidden.new_empty(centroids.shape if need_centroids else (0,)),
             bias.new_empty(codes.shape[:1]) if need_bias else hidden.new_empty(0))

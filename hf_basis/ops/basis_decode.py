@@ -129,7 +129,8 @@ def _decode_backward_impl(
     grad_dtype: torch.dtype, bias_grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op `hf_basis::basis_decode_backward`: grad_P (B, K, T) in grad_dtype and grad_bias (V,) in bias_grad_dtype
-    ((0,) when not needed: an op returns tensors only). The Triton path stores them directly in those dtypes (fp32 accumulation either way)."""
+    ((0,) when not needed: an op returns tensors only). The Triton path stores them directly in those dtypes (fp32
+    accumulation either way)."""
     if use_triton(grad_logits, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_backward_triton
 

@@ -4,7 +4,7 @@ matching the real one, and AOT dispatch with dynamic shapes. This is what torch.
 import pytest
 import torch
 
-import hf_basis.ops.basis_cross_entropy  # noqa: F401  (registers the ops)
+import hf_basis.ops.basis_cross_entropy  # noqa: F401  (importing registers the ops)
 import hf_basis.ops.quant_lookup  # noqa: F401
 from hf_basis.compress.packing import pack_bits
 
