@@ -10,11 +10,13 @@ transformers' causal LMs all end the same way:
 
 1. A forward pre-hook on the model arms its BasisLinear head for the duration of a call that has `labels` (or
    `shift_labels`); a forward hook disarms it (also on errors). An armed head in training mode with grad enabled
-   returns a `LazyLogits` (hf_basis.modules.lazy_logits): a storage-less tensor holding the head's inputs.
+   returns a `LazyLogits` (hf_basis.modules.lazy_logits): a storage-less tensor holding the head's inputs (under
+   torch.compile / torch.export, which cannot create it: the real logits, carrying those inputs).
 2. `model.loss_function` is replaced by `FusedCausalLMLoss`, which on a LazyLogits shifts the labels like
-   ForCausalLMLoss and calls `hf_basis.ops.basis_cross_entropy` on the hidden states (sum / num_items_in_batch
-   when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real logits, a LazyLogits that
-   some code already materialised or transformed) goes to the original ForCausalLMLoss unchanged.
+   ForCausalLMLoss and calls `hf_basis.ops.basis_cross_entropy` on the hidden states (`fused_head_inputs`; sum /
+   num_items_in_batch when the Trainer passes it, mean over non-ignored tokens otherwise). Anything else (real
+   logits, a LazyLogits that some code already materialised or transformed) goes to the original ForCausalLMLoss
+   unchanged.
 
 So evaluation, generation, `logits_to_keep`, calls without labels and eval mode all return real logits, and any code
 that reads the lazy logits gets the real values (computed then: correct, just not fused). Gemma 2's final-logit
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_basis.modules.basis_linear import BasisLinear
-from hf_basis.modules.lazy_logits import LazyLogits
+from hf_basis.modules.lazy_logits import fused_head_inputs
 from hf_basis.ops.basis_cross_entropy import basis_cross_entropy
 
 __all__ = ["FusedCausalLMLoss", "install_fused_loss", "uninstall_fused_loss", "fused_loss_installed"]
@@ -54,16 +56,17 @@ class FusedCausalLMLoss:
 
     def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                  shift_labels=None, **kwargs):
-        if isinstance(logits, LazyLogits) and logits.fusable:
+        inputs = fused_head_inputs(logits)
+        if inputs is not None:
+            hidden, centroids, codes, bias, softcap = inputs
             if shift_labels is None:
                 # Shift so that tokens < n predict n (ForCausalLMLoss's padding: the last position is ignored).
                 shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-            hidden = logits.hidden
             if shift_labels.shape == hidden.shape[:-1]:
                 reduction = "mean" if num_items_in_batch is None else "sum"
                 loss = basis_cross_entropy(
-                    hidden, logits.centroids, logits.codes, logits.bias, shift_labels.to(hidden.device),
-                    ignore_index=ignore_index, reduction=reduction, softcap=logits.softcap,
+                    hidden, centroids, codes, bias, shift_labels.to(hidden.device),
+                    ignore_index=ignore_index, reduction=reduction, softcap=softcap,
                 )
                 if num_items_in_batch is not None:
                     if torch.is_tensor(num_items_in_batch):

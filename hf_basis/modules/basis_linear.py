@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_basis.modules.codebook import Codebook
 from hf_basis.modules.decoded_weight import DecodedWeight
-from hf_basis.modules.lazy_logits import LazyLogits
+from hf_basis.modules.lazy_logits import LazyLogits, traced_head_logits
 from hf_basis.modules.resize import resize_bias_
 from hf_basis.ops.basis_linear import basis_linear
 
@@ -132,7 +132,10 @@ class BasisLinear(nn.Module):
             bias = None if bias is None else bias.to(x.dtype)
         if self.training and getattr(self, "lazy_logits", False) and torch.is_grad_enabled():
             # Armed by hf_basis.integrations.fused_loss for a training call with labels: the installed loss fuses
-            # these logits; any other use computes them (see hf_basis/modules/lazy_logits.py).
+            # these logits; any other use computes them (see hf_basis/modules/lazy_logits.py). Dynamo cannot trace
+            # the subclass: under torch.compile / torch.export the real logits carry the inputs instead.
+            if torch.compiler.is_compiling():
+                return traced_head_logits(x, centroids, self.codebook.codes, bias)
             return LazyLogits(x, centroids, self.codebook.codes, bias)
         return basis_linear(x, centroids, self.codebook.codes, bias)
 

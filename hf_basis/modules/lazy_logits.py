@@ -24,6 +24,12 @@ dtype, device and `requires_grad`, but no storage: it holds the head's inputs (h
     loss exists to avoid (measured on an H100: +11 GiB and +14 ms per step for a 128k-word Llama head).
 
 Metadata queries (shape, dtype, device, ...) never materialise.
+
+Under torch.compile / torch.export (dynamo cannot trace the creation of this subclass) the armed head returns the real
+logits instead, computed by the basis_linear custom op, with its inputs attached as a plain attribute
+(`traced_head_logits`); the fused loss reads them back (`fused_head_inputs`) and computes the loss from the hidden
+states as in eager mode. The logits then exist only if the compiled graph returns them: a compiled function that
+returns the loss alone lets the compiler drop their computation.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from torch.utils._pytree import tree_map
 
 from hf_basis.ops.basis_linear import basis_linear
 
-__all__ = ["LazyLogits"]
+__all__ = ["LazyLogits", "fused_head_inputs", "traced_head_logits"]
+
+_HEAD_INPUTS = "_hf_basis_head_inputs"
 
 _T = torch.Tensor
 # Reading these never needs the values.
@@ -177,3 +185,27 @@ class LazyLogits(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"LazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, softcap={self.softcap})"
+
+
+def traced_head_logits(hidden, centroids, codes, bias=None) -> torch.Tensor:
+    """The head's real logits, carrying (hidden, centroids, codes, bias) for the fused loss: the hand-off used while
+    dynamo traces (torch.compile, torch.export), where a LazyLogits cannot be created."""
+    logits = basis_linear(hidden, centroids, codes, bias)
+    setattr(logits, _HEAD_INPUTS, (hidden, centroids, codes, bias))
+    return logits
+
+
+def fused_head_inputs(logits) -> tuple | None:
+    """(hidden, centroids, codes, bias, softcap) that the fused loss can compute these logits' loss from, or None.
+
+    A LazyLogits that is plain or completely soft-capped, or the logits of `traced_head_logits` exactly as the head
+    returned them (an op on them makes a new tensor without the attribute; the attribute is cleared here, so a
+    later in-place change cannot make a second read stale).
+    """
+    if isinstance(logits, LazyLogits):
+        return (logits.hidden, logits.centroids, logits.codes, logits.bias, logits.softcap) if logits.fusable else None
+    inputs = getattr(logits, _HEAD_INPUTS, None)
+    if inputs is None:
+        return None
+    setattr(logits, _HEAD_INPUTS, None)  # cleared (dynamo traces setattr, not delattr)
+    return (*inputs, None)

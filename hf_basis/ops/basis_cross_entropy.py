@@ -22,7 +22,8 @@ Backward: with s[t] the upstream gradient of token t (the reduction folded in),
 recomputed chunk by chunk of tokens and scattered onto grad_P (then the bmm's backward gives hidden and centroids
 their gradients; grad_bias is the sum over tokens). For a scalar loss this runs inside the forward with s = 1 (or
 1 / count) and the backward multiplies by the upstream gradient (see `basis_cross_entropy`).
-Two implementations share this file's autograd Function:
+Two implementations share this file's custom op (`torch.ops.hf_basis.basis_cross_entropy`, with autograd and a fake
+implementation, so torch.compile / torch.export trace through it):
   "triton"  basis_cross_entropy_triton.py: forward = an online-lse kernel + a per-token finalize kernel; backward =
             per token chunk a gradient kernel writing dloss/dl transposed (V, Tc), then the decode backward's
             deterministic segment sum. CUDA. A large scalar loss whose gradients the forward computes and whose bias
@@ -40,6 +41,7 @@ import torch
 
 from hf_basis.ops.basis_decode import basis_decode_backward_reference, basis_decode_reference
 from hf_basis.ops.basis_linear import centroid_scores, centroid_scores_backward
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 
 __all__ = ["basis_cross_entropy", "lse_reference", "forward_stats_reference", "ce_grad_reference"]
@@ -171,74 +173,133 @@ def _one_pass(P, codes, need_bias, softcap, label_smoothing) -> bool:
             and not need_bias and not (P.is_cuda and torch.cuda.is_current_stream_capturing()))  # its check syncs
 
 
-class BasisCrossEntropyFunction(torch.autograd.Function):
-    """hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B), bias (V,) or None, labels (T,) -> loss.
+def _cross_entropy_impl(
+    hidden: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, impl: str,
+    chunk: int | None, need_hidden: bool, need_centroids: bool, need_bias: bool, grads_in_forward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op `hf_basis::basis_cross_entropy`. hidden (T, H), centroids (B, K, d) in hidden's dtype, codes (V, B),
+    bias (V,) or None, labels (T,) -> (loss, grad_hidden, grad_centroids, grad_bias, P, stats, count).
 
     With `grads_in_forward` (a scalar loss whose gradient will be needed; see `basis_cross_entropy`) the forward also
-    computes the gradients for an upstream gradient of 1 and the backward only scales them: the backward then issues
-    one op on autograd's worker thread instead of ~10, which on a slow host is what paced a small call.
-    Kept lean on purpose: every PyTorch op is ~10 us of CPU, which matters next to ~1 ms of kernels.
+    computes the gradients the `need_*` flags ask for, for an upstream gradient of 1, and the backward only scales
+    them: the backward then issues one op per gradient instead of ~10, which on a slow host is what paced a small
+    call. Otherwise P (B, K, T), stats (4, T) and count (1,) (the "mean" denominator) are kept for the backward.
+    Outputs not needed come back empty (an op returns tensors only). Kept lean on purpose: every PyTorch op is ~10 us
+    of CPU, which matters next to ~1 ms of kernels.
     """
+    forward_fn, _ = _kernels(impl)
+    needs = (need_hidden, need_centroids, need_bias)
+    P = centroid_scores(hidden, centroids).contiguous()  # (B, K, T)
+    exp_sums = None
+    if grads_in_forward and impl == "triton" and _one_pass(P, codes, need_bias, softcap, label_smoothing):
+        from hf_basis.ops.basis_cross_entropy_triton import forward_stats_one_pass_triton
 
-    @staticmethod
-    def forward(ctx, hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, impl, chunk, grads_in_forward):
-        forward_fn, _ = _kernels(impl)
-        P = centroid_scores(hidden, centroids).contiguous()  # (B, K, T)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and bias is not None))
-        ctx.grads_in_forward = grads_in_forward and any(needs)
-        exp_sums = None
-        if ctx.grads_in_forward and impl == "triton" and _one_pass(P, codes, needs[2], softcap, label_smoothing):
-            from hf_basis.ops.basis_cross_entropy_triton import forward_stats_one_pass_triton
+        stats, out, exp_sums = forward_stats_one_pass_triton(P, codes, bias, labels, ignore_index, label_smoothing,
+                                                             z_loss, softcap, chunk)
+    else:
+        kwargs = {"chunk": chunk} if impl == "torch" else {}
+        stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
+    sums = out.sum(dim=1)  # loss sum, number of counted tokens, number of out-of-range labels
+    torch._assert_async(sums[2] == 0, "basis_cross_entropy: a label is out of range [0, vocab)")
+    # "mean" with no counted token: the coefficients are all 0, keep the scale finite
+    count = sums[1].clamp_min(1.0).reshape(1) if reduction == "mean" else torch.ones(1, device=P.device)
+    if reduction == "mean":
+        loss = sums[0] / sums[1]
+    elif reduction == "sum":
+        loss = sums[0]
+    else:
+        loss = out[0]
+    empty = P.new_empty(0)
+    if not grads_in_forward:
+        return loss, empty, empty.clone(), empty.clone(), P, stats, count
+    if exp_sums is not None:
+        from hf_basis.ops.basis_cross_entropy_triton import grad_from_sums_triton
 
-            stats, out, exp_sums = forward_stats_one_pass_triton(P, codes, bias, labels, ignore_index,
-                                                                 label_smoothing, z_loss, softcap, chunk)
-        else:
-            kwargs = {"chunk": chunk} if impl == "torch" else {}
-            stats, out = forward_fn(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, softcap, **kwargs)
-        sums = out.sum(dim=1)  # loss sum, number of counted tokens, number of out-of-range labels
-        torch._assert_async(sums[2] == 0, "basis_cross_entropy: a label is out of range [0, vocab)")
-        # "mean" with no counted token: the coefficients are all 0, keep the scale finite
-        count = sums[1].clamp_min(1.0).reshape(1) if reduction == "mean" else None
-        if ctx.grads_in_forward:
-            scale = 1.0 / count if count is not None else torch.ones(1, device=P.device)
-            if exp_sums is not None:
-                from hf_basis.ops.basis_cross_entropy_triton import grad_from_sums_triton
+        grad_P = grad_from_sums_triton(exp_sums, codes, labels, stats, 1.0 / count)
+        grads = (*centroid_scores_backward(grad_P, hidden, centroids, *needs[:2]), None)
+    else:
+        grads = _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, 1.0 / count, softcap, impl,
+                             chunk)
+    grads = [g if g is not None else empty.clone() for g in grads]
+    return loss, *grads, empty.clone(), empty.clone(), empty.clone()
 
-                grad_P = grad_from_sums_triton(exp_sums, codes, labels, stats, scale)
-                grads = (*centroid_scores_backward(grad_P, hidden, centroids, *needs[:2]), None)
-            else:
-                grads = _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale, softcap, impl,
-                                     chunk)
-            ctx.save_for_backward(*grads)
-        else:
-            ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, count)
-            ctx.options = (needs, reduction, softcap, impl, chunk)
-        if reduction == "mean":
-            return sums[0] / sums[1]
-        if reduction == "sum":
-            return sums[0]
-        return out[0]
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.grads_in_forward:
-            grads = ctx.saved_tensors
-            present = [g for g in grads if g is not None]
-            scaled = iter(torch._foreach_mul(present, grad_out))  # one launch; out of place (retain_graph reuses)
-            grads = [next(scaled) if g is not None else None for g in grads]
-        else:
-            hidden, centroids, codes, bias, P, stats, labels, count = ctx.saved_tensors
-            needs, reduction, softcap, impl, chunk = ctx.options
-            if not any(needs):
-                return (None,) * 13
-            scale = grad_out.float().contiguous() if reduction == "none" else grad_out.float().reshape(1)
-            if count is not None:
-                scale = scale / count
-            grads = _input_grads(needs, hidden, centroids, codes, bias, P, stats, labels, scale, softcap, impl, chunk)
-        grad_hidden, grad_centroids, grad_bias = grads
-        return grad_hidden, grad_centroids, None, grad_bias, None, None, None, None, None, None, None, None, None
+def _cross_entropy_fake(hidden, centroids, codes, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
+                        softcap, impl, chunk, need_hidden, need_centroids, need_bias, grads_in_forward):
+    T = hidden.shape[0]
+    B, K, _ = centroids.shape
+    loss = hidden.new_empty((T,) if reduction == "none" else (), dtype=torch.float32)
+
+    def maybe(shape, wanted, dtype):
+        return hidden.new_empty(shape, dtype=dtype) if wanted else hidden.new_empty(0)
+
+    grads = (maybe(hidden.shape, grads_in_forward and need_hidden, hidden.dtype),
+             maybe(centroids.shape, grads_in_forward and need_centroids, hidden.dtype),
+             maybe(codes.shape[:1], grads_in_forward and need_bias, bias.dtype if bias is not None else hidden.dtype))
+    P = maybe((B, K, T), not grads_in_forward, hidden.dtype)
+    stats = maybe((4, T), not grads_in_forward, torch.float32)
+    count = maybe((1,), not grads_in_forward, torch.float32)
+    return loss, *grads, P, stats, count
+
+
+def _cross_entropy_backward_impl(
+    grad_out: torch.Tensor, hidden: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
+    bias: torch.Tensor | None, P: torch.Tensor, stats: torch.Tensor, labels: torch.Tensor, count: torch.Tensor,
+    reduction: str, softcap: float | None, impl: str, chunk: int | None, need_hidden: bool, need_centroids: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op `hf_basis::basis_cross_entropy_backward`: gradients of hidden, centroids and bias (empty where not
+    needed) for upstream gradient `grad_out`."""
+    scale = grad_out.float().contiguous() if reduction == "none" else grad_out.float().reshape(1)
+    if reduction == "mean":
+        scale = scale / count
+    grads = _input_grads((need_hidden, need_centroids, need_bias), hidden, centroids, codes, bias, P, stats, labels,
+                         scale, softcap, impl, chunk)
+    empty = hidden.new_empty(0)
+    return tuple(g if g is not None else empty.clone() for g in grads)
+
+
+def _cross_entropy_backward_fake(grad_out, hidden, centroids, codes, bias, P, stats, labels, count, reduction,
+                                 softcap, impl, chunk, need_hidden, need_centroids, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            hidden.new_empty(centroids.shape if need_centroids else (0,)),
+            bias.new_empty(codes.shape[:1]) if need_bias else hidden.new_empty(0))
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    (hidden, centroids, codes, bias, labels, _, reduction, _, _, softcap, impl, chunk, need_hidden, need_centroids,
+     need_bias, grads_in_forward) = inputs
+    _, grad_hidden, grad_centroids, grad_bias, P, stats, count = output
+    ctx.needs = (need_hidden, need_centroids, need_bias)
+    ctx.grads_in_forward = grads_in_forward
+    if grads_in_forward:
+        ctx.save_for_backward(grad_hidden, grad_centroids, grad_bias)
+    else:
+        ctx.save_for_backward(hidden, centroids, codes, bias, P, stats, labels, count)
+        ctx.options = (reduction, softcap, impl, chunk)
+
+
+def _cross_entropy_backward(ctx, grad_out, *_unused):
+    if ctx.grads_in_forward:
+        present = [g for g, need in zip(ctx.saved_tensors, ctx.needs) if need]
+        scaled = iter(torch._foreach_mul(present, grad_out))  # one launch; out of place (retain_graph reuses)
+        grads = [next(scaled) if need else None for need in ctx.needs]
+    elif not any(ctx.needs):
+        grads = [None, None, None]
+    else:
+        hidden, centroids, codes, bias, P, stats, labels, count = ctx.saved_tensors
+        grads = _cross_entropy_backward_op(grad_out, hidden, centroids, codes, bias, P, stats, labels, count,
+                                           *ctx.options, *ctx.needs)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs)]
+    grad_hidden, grad_centroids, grad_bias = grads
+    return (grad_hidden, grad_centroids, None, grad_bias) + (None,) * 12
+
+
+_cross_entropy_backward_op = hf_basis_op("basis_cross_entropy_backward", _cross_entropy_backward_impl,
+                                         _cross_entropy_backward_fake)
+_cross_entropy_op = hf_basis_op("basis_cross_entropy", _cross_entropy_impl, _cross_entropy_fake,
+                                _cross_entropy_setup_context, _cross_entropy_backward)
 
 
 def basis_cross_entropy(
@@ -309,11 +370,14 @@ def basis_cross_entropy(
     # Gradients in the forward (as Liger's fused linear cross-entropy does) for a scalar loss under grad mode (the
     # Function adds: and some input needs a gradient). Not for fp16: there the backward's upstream gradient (often a
     # loss scale) must multiply before the rounding.
-    grads_in_forward = reduction != "none" and hidden.dtype != torch.float16 and torch.is_grad_enabled()
+    grad_mode = torch.is_grad_enabled()
+    needs = (grad_mode and hidden.requires_grad, grad_mode and centroids.requires_grad,
+             grad_mode and bias is not None and bias.requires_grad)
+    grads_in_forward = reduction != "none" and hidden.dtype != torch.float16 and any(needs)
     lead = labels.shape
-    loss = BasisCrossEntropyFunction.apply(
+    loss = _cross_entropy_op(
         hidden.reshape(-1, B * d), centroids, codes, bias, labels.reshape(-1), int(ignore_index), reduction,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), impl, chunk_tokens,
-        grads_in_forward,
-    )
+        *needs, grads_in_forward,
+    )[0]
     return loss.view(lead) if reduction == "none" else loss

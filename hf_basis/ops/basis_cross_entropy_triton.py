@@ -10,7 +10,7 @@ A logit is l[t, w] = bias[w] + sum_b P[b, code[w, b], t], optionally soft-capped
                                  smoothing, the plain sum of the logits. Writes (splits, T) partials.
              `_finalize_kernel`  per token: folds the partials into lse, gathers the target logit (B values of P),
                                  and writes the loss, the valid flag and the per-token coefficients of the gradient
-                                 (stats (4, T): lse, cp, cy, cu; see below), so the autograd Function needs only a
+                                 (stats (4, T): lse, cp, cy, cu; see below), so the custom op needs only a
                                  handful of PyTorch ops around the kernels (launches cost ~10-35 us of CPU each).
     backward `_ce_grad_kernel`   grid (word tiles,), one launch per token chunk [t0, t0 + n): a program owns BLOCK_V
                                  words, walks the chunk's tokens, recomputes the logits, and writes the gradient of the

@@ -10,7 +10,8 @@ logits' gradient back onto the centroids:
     grad_bias[w]    = sum_t grad_logits[t, w]
 
 Neither direction builds the dense V x H weight or a T x V x B intermediate.
-This file holds the PyTorch reference (the CPU path and the tests' oracle), the autograd Function and its dispatch.
+This file holds the PyTorch reference (the CPU path and the tests' oracle) and the custom op (autograd, fake
+implementation for tracing, dispatch to Triton or the reference).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import weakref
 
 import torch
 
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 
 __all__ = ["basis_decode", "basis_decode_reference", "basis_decode_backward_reference", "codes_csr"]
@@ -109,7 +111,8 @@ def codes_csr(codes: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, tor
     return csr
 
 
-def _decode_forward(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _decode_impl(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op `hf_basis::basis_decode`: Triton on CUDA, the PyTorch reference elsewhere."""
     if use_triton(P, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_triton
 
@@ -117,47 +120,63 @@ def _decode_forward(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | N
     return basis_decode_reference(P, codes, bias)
 
 
-def _decode_backward(grad_logits, codes, num_clusters, need_bias_grad, grad_dtype, bias_grad_dtype):
-    """The Triton path stores grad_P / grad_bias directly in the dtypes asked for (fp32 accumulation either way), so
-    the casts in BasisDecodeFunction.backward are no-ops there; the reference returns fp32."""
+def _decode_fake(P, codes, bias):
+    return P.new_empty(P.shape[2], codes.shape[0])
+
+
+def _decode_backward_impl(
+    grad_logits: torch.Tensor, codes: torch.Tensor, num_clusters: int, need_bias_grad: bool,
+    grad_dtype: torch.dtype, bias_grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op `hf_basis::basis_decode_backward`: grad_P (B, K, T) in grad_dtype and grad_bias (V,) in bias_grad_dtype
+    ((0,) when not needed: an op returns tensors only). The Triton path stores them directly in those dtypes (fp32
+    accumulation either way)."""
     if use_triton(grad_logits, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_backward_triton
 
-        return basis_decode_backward_triton(
+        grad_P, grad_bias = basis_decode_backward_triton(
             grad_logits, codes, num_clusters, need_bias_grad, grad_dtype=grad_dtype, bias_grad_dtype=bias_grad_dtype
         )
-    return basis_decode_backward_reference(grad_logits, codes, num_clusters, need_bias_grad)
+    else:
+        grad_P, grad_bias = basis_decode_backward_reference(grad_logits, codes, num_clusters, need_bias_grad)
+    grad_P = grad_P.to(grad_dtype)
+    if grad_bias is None:
+        return grad_P, grad_logits.new_empty(0, dtype=bias_grad_dtype)
+    return grad_P, grad_bias.to(bias_grad_dtype)
 
 
-class BasisDecodeFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and backward each dispatch to Triton (CUDA) or the PyTorch reference."""
+def _decode_backward_fake(grad_logits, codes, num_clusters, need_bias_grad, grad_dtype, bias_grad_dtype):
+    V, B = codes.shape
+    grad_P = grad_logits.new_empty(B, num_clusters, grad_logits.shape[0], dtype=grad_dtype)
+    return grad_P, grad_logits.new_empty(V if need_bias_grad else 0, dtype=bias_grad_dtype)
 
-    @staticmethod
-    def forward(ctx, P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(codes)
-        ctx.num_clusters = P.shape[1]
-        ctx.P_dtype = P.dtype
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return _decode_forward(P, codes, bias)
 
-    @staticmethod
-    def backward(ctx, grad_logits: torch.Tensor):
-        (codes,) = ctx.saved_tensors
-        need_bias = ctx.has_bias and ctx.needs_input_grad[2]
-        grad_P, grad_bias = _decode_backward(
-            grad_logits, codes, ctx.num_clusters, need_bias, ctx.P_dtype, ctx.bias_dtype or torch.float32
-        )
-        grad_P = grad_P.to(ctx.P_dtype) if ctx.needs_input_grad[0] else None
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_P, None, grad_bias
+def _decode_setup_context(ctx, inputs, output):
+    P, codes, bias = inputs
+    ctx.save_for_backward(codes)
+    ctx.num_clusters = P.shape[1]
+    ctx.P_dtype = P.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _decode_backward(ctx, grad_logits: torch.Tensor):
+    (codes,) = ctx.saved_tensors
+    need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    grad_P, grad_bias = _decode_backward_op(
+        grad_logits, codes, ctx.num_clusters, need_bias, ctx.P_dtype, ctx.bias_dtype or torch.float32
+    )
+    return grad_P if ctx.needs_input_grad[0] else None, None, grad_bias if need_bias else None
+
+
+_decode_backward_op = hf_basis_op("basis_decode_backward", _decode_backward_impl, _decode_backward_fake)
+_decode_op = hf_basis_op("basis_decode", _decode_impl, _decode_fake, _decode_setup_context, _decode_backward)
 
 
 def basis_decode(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable decode. P: (B, K, T), codes: (V, B) integer, bias: (V,) or None -> logits (T, V) in P's dtype.
 
-    Gradients flow to P and bias (codes are fixed). Runs the Triton kernels on CUDA, the PyTorch reference elsewhere.
+    Gradients flow to P and bias (codes are fixed). Runs the Triton kernels on CUDA, the PyTorch reference elsewhere;
+    a custom op (`torch.ops.hf_basis.basis_decode`), so torch.compile / torch.export trace through it.
     """
     _check_shapes(P, codes, bias)
-    return BasisDecodeFunction.apply(P, codes, bias)
+    return _decode_op(P, codes, bias)

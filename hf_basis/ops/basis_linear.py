@@ -3,7 +3,8 @@
     P_b = C_b @ h_b^T            (the centroid projection; one small bmm for all sub-spaces)
     logits[t, w] = bias[w] + sum_b P[b, code[w, b], t]   (the decode; see basis_decode.py)
 
-Cost O(T*K*H + T*V*B) instead of O(T*V*H). The projection and the decode are each an autograd Function.
+Cost O(T*K*H + T*V*B) instead of O(T*V*H). The projection and the decode are each a PyTorch custom op with
+autograd (torch.compile and torch.export trace through them).
 """
 
 from __future__ import annotations
@@ -11,29 +12,9 @@ from __future__ import annotations
 import torch
 
 from hf_basis.ops.basis_decode import basis_decode
+from hf_basis.ops.custom_op import hf_basis_op
 
 __all__ = ["basis_linear", "centroid_scores", "centroid_scores_backward"]
-
-
-class CentroidScores(torch.autograd.Function):
-    """P = per-sub-space centroid scores, with a backward that writes grad_x straight into x's (T, H) layout.
-
-    Plain autograd through `bmm(C, x.view(T, B, d).permute(1, 2, 0))` returns grad_x as a (B, d, T) tensor that the
-    reshape back to (T, H) must copy; here the backward bmm writes into a (T, B, d) buffer through a permuted view
-    (cuBLAS takes that column-major output as it is), which saves one pass over grad_x and two autograd nodes.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
-        B, _, d = centroids.shape
-        ctx.save_for_backward(x, centroids)
-        return torch.bmm(centroids, x.reshape(T, B, d).permute(1, 2, 0))  # (B, K, T)
-
-    @staticmethod
-    def backward(ctx, grad_P: torch.Tensor):
-        x, centroids = ctx.saved_tensors
-        return centroid_scores_backward(grad_P, x, centroids, *ctx.needs_input_grad[:2])
 
 
 def centroid_scores_backward(
@@ -56,13 +37,60 @@ def centroid_scores_backward(
     return grad_x, grad_centroids
 
 
+def _centroid_scores_impl(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    T = x.shape[0]
+    B, _, d = centroids.shape
+    return torch.bmm(centroids, x.reshape(T, B, d).permute(1, 2, 0))  # (B, K, T)
+
+
+def _centroid_scores_fake(x, centroids):
+    B, K, _ = centroids.shape
+    return centroids.new_empty(B, K, x.shape[0])
+
+
+def _centroid_scores_backward_impl(
+    grad_P: torch.Tensor, x: torch.Tensor, centroids: torch.Tensor, need_x: bool, need_centroids: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """centroid_scores_backward as an op: the gradients not needed come back empty (an op returns tensors only)."""
+    grad_x, grad_centroids = centroid_scores_backward(grad_P, x, centroids, need_x, need_centroids)
+    empty = centroids.new_empty(0)
+    return grad_x if grad_x is not None else empty, grad_centroids if grad_centroids is not None else empty.clone()
+
+
+def _centroid_scores_backward_fake(grad_P, x, centroids, need_x, need_centroids):
+    grad_x = x.new_empty(x.shape) if need_x else centroids.new_empty(0)
+    return grad_x, centroids.new_empty(centroids.shape if need_centroids else (0,))
+
+
+def _centroid_scores_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _centroid_scores_backward(ctx, grad_P: torch.Tensor):
+    x, centroids = ctx.saved_tensors
+    need_x, need_centroids = ctx.needs_input_grad[:2]
+    grad_x, grad_centroids = _centroid_scores_backward_op(grad_P, x, centroids, need_x, need_centroids)
+    return grad_x if need_x else None, grad_centroids if need_centroids else None
+
+
+_centroid_scores_backward_op = hf_basis_op("centroid_scores_backward", _centroid_scores_backward_impl,
+                                           _centroid_scores_backward_fake)
+_centroid_scores_op = hf_basis_op("centroid_scores", _centroid_scores_impl, _centroid_scores_fake,
+                                  _centroid_scores_setup_context, _centroid_scores_backward)
+
+
 def centroid_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """P = per-sub-space centroid scores. x: (T, H), centroids: (B, K, d) with H = B*d -> P: (B, K, T).
 
     The (B, K, T) layout puts consecutive tokens of one centroid next to each other, which is what the decode
     gathers: `torch.bmm(C, x.view(T, B, d).permute(1, 2, 0))` yields it without a copy of P.
+    A custom op (`torch.ops.hf_basis.centroid_scores`) whose backward writes grad_x straight into x's (T, H) layout:
+    plain autograd through the bmm returns grad_x as a (B, d, T) tensor that the reshape back to (T, H) must copy;
+    here the backward bmm writes into a (T, B, d) buffer through a permuted view (cuBLAS takes that column-major
+    output as it is), which saves one pass over grad_x. Being an op keeps that `out=` (which dynamo refuses) out of
+    compiled graphs.
     """
-    return CentroidScores.apply(x, centroids)
+    return _centroid_scores_op(x, centroids)
 
 
 def basis_linear(

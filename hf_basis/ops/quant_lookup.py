@@ -6,7 +6,8 @@
 The bit layout is `hf_basis.compress.packing`'s (row-wise little-endian stream). Only the looked-up rows are unpacked:
 the dense (V, D) table is never built.
 
-This file holds the PyTorch reference (CPU path and test oracle), the Triton kernel and the dispatch between them.
+This file holds the PyTorch reference (CPU path and test oracle), the Triton kernel and the custom op that
+dispatches between them.
 Measured on an H100 (benchmarks/benchmark_quant_embedding.py, 8192 tokens x 4096, fp16 out): 61-69% of the copy
 bandwidth at 2/4/8 bits; 16 bits reach only ~18%, bound by random gathers from the 256 KiB level table.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from hf_basis.compress.packing import packed_nbytes, unpack_bits
+from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 from hf_basis.validation import check_nbit
 
@@ -186,6 +188,21 @@ def quant_lookup_triton(
     return out.reshape(*indices.shape, dim)
 
 
+def _quant_lookup_impl(
+    packed: torch.Tensor, levels: torch.Tensor, indices: torch.Tensor, nbit: int, dim: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    if use_triton(packed, levels, indices):
+        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype)
+    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)
+
+
+def _quant_lookup_fake(packed, levels, indices, nbit, dim, out_dtype):
+    return packed.new_empty(*indices.shape, dim, dtype=out_dtype)
+
+
+_quant_lookup_op = hf_basis_op("quant_lookup", _quant_lookup_impl, _quant_lookup_fake)
+
+
 def quant_lookup(
     packed: torch.Tensor,
     levels: torch.Tensor,
@@ -199,7 +216,7 @@ def quant_lookup(
 
     Runs the Triton kernel on CUDA, the PyTorch reference elsewhere
     (or everywhere with HF_BASIS_DISABLE_TRITON=1). Not differentiable: the table is frozen.
+    A custom op (`torch.ops.hf_basis.quant_lookup`): torch.compile / torch.export keep it whole in their graphs.
     """
-    if use_triton(packed, levels, indices):
-        return quant_lookup_triton(packed, levels, indices, nbit, dim, out_dtype)
-    return quant_lookup_reference(packed, levels, indices, nbit, dim, out_dtype)
+    _check_args(packed, levels, indices, nbit, dim, out_dtype)  # before tracing, so that errors name the argument
+    return _quant_lookup_op(packed, levels, indices, nbit, dim, out_dtype)
