@@ -21,6 +21,7 @@ __all__ = [
     "BasisEmbedding",
     "BasisLinear",
     "Codebook",
+    "DistillationTrainer",
     "LSTMLMConfig",
     "LSTMLMForCausalLM",
     "QuantEmbedding",
@@ -32,3 +33,4 @@ __all__ = [
 ]
 
 from hf_basis.integrations import BasisConfig  # noqa: E402  (registers quant_method "hf_basis" with transformers)
+from hf_basis.integrations.distillation import DistillationTrainer  # noqa: E402
