@@ -4,6 +4,7 @@
     hf-basis convert SRC_DIR OUT_DIR --method quant --nbit 4                # clipped uniform quantization
     hf-basis report DIR                                                     # the compression table
     hf-basis push DIR user/repo                                             # one commit to the Hugging Face Hub
+    hf-basis heal --teacher DIR --num_basis 16 --data_dir DIR --output_dir OUT  # distill the dense model back in
 """
 
 from __future__ import annotations
@@ -124,6 +125,19 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_heal(args: argparse.Namespace) -> int:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_basis.healing import HealArguments, heal
+
+    heal_args, training = HfArgumentParser((HealArguments, TrainingArguments)).parse_args_into_dataclasses(
+        args=["--report_to", "none", "--save_strategy", "no", *args.options])
+    results = heal(heal_args, training, command="hf-basis heal " + " ".join(args.options))
+    print(json.dumps({k: results[k] for k in ("before_healing", "after_code_refit", "after_healing")}))
+    print(f"saved to {training.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-basis",
@@ -172,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to push to (default main)")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser(
+        "heal", help="distill a dense checkpoint into its compressed version (recipes/heal.py's options)",
+        description="--teacher DIR (--student DIR | --num_basis B --num_clusters K --modules M) (--data_dir DIR | "
+        "--dataset NAME) --output_dir OUT [--max_sentences N] [any TrainingArguments option]: see hf_basis.healing.",
+        prefix_chars="+", add_help=False,  # every option goes to HfArgumentParser (`hf-basis heal --help` lists them)
+    )  # fmt: skip
+    p.add_argument("options", nargs=argparse.REMAINDER, help="HealArguments and TrainingArguments options")
+    p.set_defaults(func=_cmd_heal)
     return parser
 
 

@@ -178,12 +178,13 @@ def test_default_trains_only_the_compressed_layers_at_their_own_rate(tmp_path):
     # Llama's head has no bias; its two codebooks (untied) are what trains
     assert trainable == {"model.embed_tokens.codebook.centroids", "lm_head.codebook.centroids"}
     opt = trainer.create_optimizer()
-    assert [g["lr"] for g in opt.param_groups] == [hf_basis.integrations.distillation.DEFAULT_COMPRESSED_LR]
+    centroids = torch.cat([p.detach().reshape(-1) for n, p in student.named_parameters() if p.requires_grad])
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.05 * float(centroids.pow(2).mean().sqrt()))]
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"distill_on": "logit"}, "distill_on"), ({"temperature": 0}, "temperature"), ({"alpha": 1.5}, "alpha"),
-    ({"train": "head"}, "train"), ({"compressed_lr": -1.0}, "compressed_lr"),
+    ({"train": "head"}, "train"), ({"compressed_lr": -1.0}, "compressed_lr"), ({"hidden_loss": "mse"}, "hidden_loss"),
     ({"teacher_model": None}, "teacher_model"),
 ])  # fmt: skip
 def test_bad_arguments_are_refused_before_touching_the_models(tmp_path, kwargs, match):
