@@ -65,7 +65,7 @@ def test_kl_is_zero_for_a_student_equal_to_its_teacher_and_teacher_gets_no_gradi
     hl = h.clone().requires_grad_()
     loss = basis_kl_divergence(hl, C, codes, bias, h, tw, bias, mask, 1.0)
     loss.backward()
-    assert abs(float(loss)) < 1e-5
+    assert abs(loss.item()) < 1e-5
     assert hl.grad.abs().max() < 1e-5
     assert tw.grad is None
 
