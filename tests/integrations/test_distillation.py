@@ -196,3 +196,18 @@ def test_bad_arguments_are_refused_before_touching_the_models(tmp_path, kwargs, 
     assert [p.requires_grad for p in student.parameters()] == flags
     for key, value in student.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_row_weight_adds_the_normalised_row_error_of_the_batch_tokens(tmp_path):
+    teacher, student = pair("bert", modules="input")
+    batch = {k: torch.stack([d[k] for d in dataset(4, labels=False)]) for k in ("input_ids", "attention_mask")}
+    losses = []
+    for weight in (0.0, 2.0):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), refit_codes=False,
+                                      distill_on="last_hidden_state", row_weight=weight)  # fmt: skip
+        losses.append(trainer.compute_loss(student, dict(batch)).detach())
+    W = teacher.get_input_embeddings().weight.detach()
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    rows = student.get_input_embeddings().weight.detach()  # the decoded table
+    expected = 2.0 * (rows[ids] - W[ids]).pow(2).sum(-1).mean() / W.pow(2).sum(-1).mean()
+    torch.testing.assert_close(losses[1] - losses[0], expected, rtol=1e-4, atol=1e-7)
