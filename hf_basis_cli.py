@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None, help="commit message")
     p.add_argument("--revision", default=None, help="branch to push to (default main)")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+
+    p = sub.add_parser(
+        "heal", help="distill a dense checkpoint into its compressed version (recipes/heal.py's options)",
+        description="--teacher DIR (--student DIR | --num_basis B --num_clusters K --modules M) (--data_dir DIR | "
+        "--dataset NAME) --output_dir OUT [--max_sentences N] [any TrainingArguments option]: see hf_basis.healing.",
+        prefix_chars="+", add_help=False,  # every option goes to HfArgumentParser (`hf-basis heal --help` lists them)
+    )  # fmt: skip
+    p.add_argument("options", nargs=argparse.REMAINDER, help="HealArguments and TrainingArguments options")
     return parser
 
 
@@ -97,6 +105,8 @@ def _path_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command's paths, found before anything is loaded or written (None: nothing)."""
     if args.command == "report":
         return _source_problem(args.dir, "DIR")
+    if args.command == "heal":  # its options are checked by HfArgumentParser and hf_basis.healing
+        return None
     if args.command == "push":
         return None if os.path.isdir(args.dir) else f"DIR {args.dir} is not a folder"
     if os.path.isdir(args.src) and Path(args.out).resolve() == Path(args.src).resolve():

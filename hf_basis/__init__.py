@@ -22,6 +22,7 @@ __all__ = [
     "BasisEmbedding",
     "BasisLinear",
     "Codebook",
+    "DistillationTrainer",
     "LSTMLMConfig",
     "LSTMLMForCausalLM",
     "QuantEmbedding",
@@ -34,3 +35,4 @@ __all__ = [
 ]
 
 from hf_basis.integrations import BasisConfig  # noqa: E402  (registers quant_method "hf_basis" with transformers)
+from hf_basis.integrations.distillation import DistillationTrainer  # noqa: E402

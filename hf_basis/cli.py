@@ -149,4 +149,17 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _cmd_convert, "report": _cmd_report, "push": _cmd_push}
+def _cmd_heal(args: argparse.Namespace) -> int:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_basis.healing import HealArguments, heal
+
+    heal_args, training = HfArgumentParser((HealArguments, TrainingArguments)).parse_args_into_dataclasses(
+        args=["--report_to", "none", "--save_strategy", "no", *args.options])
+    results = heal(heal_args, training, command="hf-basis heal " + " ".join(args.options))
+    print(json.dumps({k: results[k] for k in ("before_healing", "after_code_refit", "after_healing")}))
+    print(f"saved to {training.output_dir}")
+    return 0
+
+
+COMMANDS = {"convert": _cmd_convert, "report": _cmd_report, "push": _cmd_push, "heal": _cmd_heal}
