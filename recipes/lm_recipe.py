@@ -31,6 +31,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.integrations import TensorBoardCallback
 
 import hf_basis
 from hf_basis.integrations.distributed import SameCompressedStateCallback, broadcast_compressed_state
@@ -429,6 +430,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
             if phase.epochs > 0 and phase.max_steps != 0:
                 stopper.phase = phase.name
                 output = trainer.train()
+                # Evaluations after train() would reopen a TensorBoard writer in the phase's folder; event files are
+                # named by the second, so in a short phase it would overwrite the training's file. Their numbers are
+                # in results.json.
+                trainer.remove_callback(TensorBoardCallback)
                 runtime += output.metrics["train_runtime"]
                 tokens += trainer.train_tokens * training_args.world_size
                 epochs_trained += trainer.state.epoch or 0.0
