@@ -53,13 +53,14 @@ _METADATA = {
     _T.is_cuda.__get__, _T.layout.__get__, _T.is_leaf.__get__, _T.grad_fn.__get__, _T.grad.__get__,
     _T.is_sparse.__get__, _T.is_quantized.__get__, _T.is_meta.__get__,
     _T.size, _T.dim, _T.numel, _T.nelement, _T.__len__, _T.element_size, _T.is_floating_point, _T.is_complex,
-    _T.get_device, _T.__hash__,
+    _T.get_device, _T.__hash__, _T._base.__get__,
 }
 _DIV = {_T.__truediv__, _T.div, torch.div, torch.true_divide, _T.true_divide}
 _MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul, torch.multiply, _T.multiply}
 _TANH = {torch.tanh, _T.tanh}
 _FLOAT, _TO = _T.float, _T.to
 _CLONE = {_T.clone, torch.clone}
+_REGISTER_HOOK = _T.register_hook
 
 # Soft-capping stages: logits -> logits / cap -> tanh(logits / cap) -> cap * tanh(logits / cap)
 _PLAIN, _SCALED, _TANH_STAGE, _CAPPED = range(4)
@@ -75,7 +76,7 @@ class LazyLogits(torch.Tensor):
     """
 
     @staticmethod
-    def __new__(cls, hidden, centroids, codes, bias=None, *, dtype=None, _stage=_PLAIN, _cap=None):
+    def __new__(cls, hidden, centroids, codes, bias=None, *, dtype=None, _stage=_PLAIN, _cap=None, _hooks=None):
         shape = (*hidden.shape[:-1], codes.shape[0])
         requires_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, centroids, bias)
@@ -85,6 +86,7 @@ class LazyLogits(torch.Tensor):
         )
         self.hidden, self.centroids, self.codes, self.bias = hidden, centroids, codes, bias
         self._stage, self._cap, self._value = _stage, _cap, None
+        self._hooks = [] if _hooks is None else _hooks  # gradient hooks waiting for the logits (see register_hook)
         return self
 
     @property
@@ -111,11 +113,24 @@ class LazyLogits(torch.Tensor):
             if self._stage == _CAPPED:
                 logits = logits * self._cap
             self._value = logits.to(self.dtype)
+            if self._value.grad_fn is not None:
+                for hook in self._hooks:
+                    self._value.register_hook(hook)
         return self._value
+
+    def _register_hook(self, hook) -> "_PendingHook":
+        """`register_hook` without building the logits: FSDP2 registers a pre-backward hook on every output of a
+        sharded module. The hook waits here and is attached to the logits if they are ever computed with their
+        graph (then a gradient reaches them); if only the fused loss uses them, no gradient ever flows through the
+        logits and the hook has nothing to observe."""
+        if self._value is not None and self._value.grad_fn is not None:
+            return self._value.register_hook(hook)
+        self._hooks.append(hook)
+        return _PendingHook(self._hooks, hook)
 
     def _next(self, stage: int, cap: float | None, dtype: torch.dtype | None = None) -> "LazyLogits":
         return LazyLogits(self.hidden, self.centroids, self.codes, self.bias, dtype=dtype or self.dtype, _stage=stage,
-                          _cap=cap)
+                          _cap=cap, _hooks=self._hooks)  # a derived view of the same logits keeps their hooks
 
     def _cast(self, func, args, kwargs) -> "LazyLogits | None":
         """The same lazy logits (a new object) for `clone()`, or in another floating dtype if (func, args, kwargs)
@@ -157,6 +172,8 @@ class LazyLogits(torch.Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if func is _REGISTER_HOOK and args and isinstance(args[0], LazyLogits) and len(args) == 2 and not kwargs:
+            return args[0]._register_hook(args[1])
         if args and isinstance(args[0], LazyLogits):
             step = args[0]._softcap_step(func, args, kwargs)
             if step is None:
@@ -185,6 +202,17 @@ class LazyLogits(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"LazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, softcap={self.softcap})"
+
+
+class _PendingHook:
+    """The handle `LazyLogits.register_hook` returns while the hook waits: `remove()` drops it."""
+
+    def __init__(self, hooks: list, hook) -> None:
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
 
 
 def traced_head_logits(hidden, centroids, codes, bias=None) -> torch.Tensor:

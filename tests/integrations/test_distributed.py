@@ -91,8 +91,6 @@ def test_the_fused_loss_stays_fused_under_ddp(two_ranks, case):
         assert r[f"ddp_{case}_find_unused"]["materialized"] == 0, "DDP(find_unused_parameters=True) built the logits"
 
 
-@pytest.mark.xfail(strict=True, reason="FSDP2's post-forward hook reads `_base` and calls `register_hook` on every "
-                                       "output tensor, which builds the lazy logits (needs LazyLogits support)")
 @pytest.mark.parametrize("case", ["basis_tied_gpt2", "basis_llama"])
 def test_the_fused_loss_stays_fused_under_fsdp2(two_ranks, case):
     ranks, _ = two_ranks

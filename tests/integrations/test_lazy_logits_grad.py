@@ -107,3 +107,25 @@ def test_ddp_find_unused_parameters_does_not_build_the_logits(gloo_group, monkey
     ref_objective.backward()
     torch.testing.assert_close(objective, ref_objective, rtol=1e-5, atol=1e-5)
     assert_same_gradients(converted, dense)
+
+
+def test_register_hook_waits_for_the_logits_and_fires_on_their_gradient(monkeypatch):
+    """FSDP2 hooks every output of a sharded module (and reads `_base`): that must not build the logits, and a hook
+    must still see the logits' gradient when they are built and differentiated."""
+    converted, _ = models()
+    ids = torch.randint(0, V, (2, 6))
+    out = converted(input_ids=ids, labels=ids)
+    assert isinstance(out.logits, LazyLogits)
+    built = []
+    compute = lazy_logits.basis_linear
+    monkeypatch.setattr(lazy_logits, "basis_linear", lambda *a: built.append(1) or compute(*a))
+    seen, dropped = [], []
+    assert out.logits._base is None
+    out.logits.register_hook(lambda g: seen.append(g.clone()))
+    out.logits.register_hook(lambda g: dropped.append(g)).remove()
+    out.loss.backward(retain_graph=True)  # the fused loss alone: no logits, no gradient through them
+    assert built == [] and seen == []
+    logits = out.logits.float()  # a derived lazy tensor keeps the hooks of the logits it stands for
+    (logits * 3.0).sum().backward()
+    assert built == [1] and len(seen) == 1 and dropped == []
+    torch.testing.assert_close(seen[0], torch.full((2, 6, V), 3.0))
