@@ -149,7 +149,10 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
         if unknown:
             parser.error(f"unknown fields in the YAML config: {', '.join(unknown)}")
         parser.set_defaults(**config)
-    model_args, data_args, comp_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, comp_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments' own checks: one line and exit 2, like every other bad option
+        parser.error(" ".join(str(err).split()))
     if model_args.architecture not in ARCHITECTURES:
         parser.error(f"--architecture must be one of {ARCHITECTURES}")
     if comp_args.compression not in COMPRESSIONS:

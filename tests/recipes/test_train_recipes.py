@@ -293,6 +293,8 @@ def test_equally_tuned_dense_reference_gives_its_head_the_adam_steps(tiny_corpus
     assert results["compression"] == "none" and results["compression_ratio"] == 1.0
     vocab = json.loads((tmp_path / "tuned" / "config.json").read_text())["vocab_size"]
     assert shapes == {(vocab, 32), (vocab,)}  # the dense lm_head's weight and bias, nothing else
+    with pytest.raises(SystemExit):  # TrainingArguments' own checks end in the parser's one-line error too
+        parse_args(["--eval_strategy", "no"], train_ptb.PTB_DEFAULTS)  # reduce_lr_on_plateau needs evaluations
     with pytest.raises(SystemExit):  # a second dense phase only exists for that reference
         parse_args(["--dense_warmup_epochs", "1", "--num_train_epochs", "2"], train_ptb.PTB_DEFAULTS)
 
