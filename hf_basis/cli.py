@@ -35,6 +35,10 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# A checkpoint whose config names no class transformers has: the first of these that accepts it.
+_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM", "AutoModel")
+
+
 def _load(path: str, what: str, dtype: str = "auto"):
     """Load a model from a folder or Hub id with the class its config names (or the fitting Auto class).
 
@@ -43,7 +47,7 @@ def _load(path: str, what: str, dtype: str = "auto"):
     import torch
     import transformers
 
-    import hf_basis  # noqa: F401  (registers the "hf_basis" quantization method)
+    from hf_basis.loading import NoModelClass, load_model
 
     _say(f"loading {path}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
@@ -52,17 +56,10 @@ def _load(path: str, what: str, dtype: str = "auto"):
     except (OSError, ValueError) as err:
         where = "" if os.path.isdir(path) else f" (there is no folder {path} here either)"
         raise BadInput(f"cannot load {what} {path}: {' '.join(str(err).split())}{where}") from err
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls.from_pretrained(path, **kwargs)
-    errors = []
-    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM", "AutoModel"):
-        try:
-            return getattr(transformers, auto).from_pretrained(path, **kwargs)
-        except ValueError as err:  # "Unrecognized configuration class ... for this kind of AutoModel"
-            errors.append(f"{auto}: {err}")
-    raise BadInput(f"cannot find a model class for {path}: " + "; ".join(errors))
+    try:
+        return load_model(path, config, _AUTO_CLASSES, **kwargs)
+    except NoModelClass as err:
+        raise BadInput(str(err)) from err
 
 
 def _copy_extras(src: Path, out: Path) -> list[str]:

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArgumen
 from hf_basis.convert import convert
 from hf_basis.integrations.distillation import DistillationTrainer
 from hf_basis.integrations.model_card import SECTION_END
+from hf_basis.loading import load_model
 from hf_basis.report import report
 
 __all__ = ["HealArguments", "heal"]
@@ -66,14 +67,7 @@ class HealArguments:
 
 def _load_model(path: str):
     """The class the checkpoint's config names (an hf_basis checkpoint loads compressed), else AutoModel."""
-    import hf_basis  # noqa: F401  (registers the "hf_basis" quantization method)
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls.from_pretrained(path, dtype=torch.float32)
-    return transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
+    return load_model(path, transformers.AutoConfig.from_pretrained(path), dtype=torch.float32)
 
 
 def _lines(path: str, limit: int) -> list[str]:
