@@ -13,6 +13,7 @@ from hf_basis.modules.codebook import Codebook
 from hf_basis.models.lstm import LSTMLMConfig, LSTMLMForCausalLM
 from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
 from hf_basis.ops import basis_cross_entropy
+from hf_basis.pq_aware_training import PQAwareTrainingCallback, prepare_pq_aware_training
 from hf_basis.report import report
 
 __version__ = "0.1.0"
@@ -25,11 +26,13 @@ __all__ = [
     "DistillationTrainer",
     "LSTMLMConfig",
     "LSTMLMForCausalLM",
+    "PQAwareTrainingCallback",
     "QuantEmbedding",
     "QuantLinear",
     "basis_cross_entropy",
     "convert",
     "head_input_moment",
+    "prepare_pq_aware_training",
     "quantize_embed",
     "report",
 ]

@@ -30,6 +30,7 @@ from hf_basis.modules.quant_embedding import QuantEmbedding, QuantLinear
 from hf_basis.validation import (
     as_row_weights, check_basis_shape, check_bool, check_choice, check_nbit, check_seed,
 )  # fmt: skip
+from hf_basis.pq_aware_training import trained_codebook
 from hf_basis.progress import iteration_callback, progress_bar
 
 __all__ = ["convert", "quantize_embed"]
@@ -209,13 +210,25 @@ def convert(
             logger.info("hf_basis: compressing %s (%s x %s) into %s%s", names_of(model, layer)[0],
                         *layer.weight.shape, what, " (tied input and output)" if tied else "")  # fmt: skip
     if method == "basis":
-        if emb is not None:
+        # Layers prepared by hf_basis.prepare_pq_aware_training keep the codebook they were trained against.
+        trained = {role: trained_codebook(layer, num_basis, num_clusters) if layer is not None else None
+                   for role, layer in (("input", emb), ("output", head))}  # fmt: skip
+        if trained["output"] is not None and head_input_moment is not None:
+            raise ValueError("head_input_moment fits a new codebook, but the lm_head was PQ-aware trained: its "
+                             "trained codebook is used as it is; leave head_input_moment unset")
+        if trained["input"] is not None:
+            new_emb, _ = BasisEmbedding.from_embedding(emb, num_basis, num_clusters, codebook=trained["input"][0])
+            errors["input"] = trained["input"][1]
+        elif emb is not None:
             with _kmeans_bar(model, emb) as bar:
                 new_emb, errors["input"] = BasisEmbedding.from_embedding(
                     emb, num_basis, num_clusters, seed=seed, sample_weight=frequencies,
                     progress=iteration_callback(bar),
                 )
-        if head is not None:
+        if trained["output"] is not None:
+            new_head, _ = BasisLinear.from_linear(head, num_basis, num_clusters, codebook=trained["output"][0])
+            errors["output"] = trained["output"][1]
+        elif head is not None:
             shared = new_emb.codebook if tied else None
             with _kmeans_bar(model, head if not tied else None) as bar:
                 new_head, errors["output"] = BasisLinear.from_linear(

@@ -27,6 +27,7 @@ from transformers import (
     GPT2Config,
     HfArgumentParser,
     LlamaConfig,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -106,6 +107,17 @@ class CompressionArguments:
                           "the learning rate the dense phase ended with (its reductions carry over); false: it "
                           "restarts at --learning_rate (or --compressed_learning_rate)"},
     )
+    pq_aware_epochs: float = field(
+        default=0.0,
+        metadata={"help": "basis: the last N epochs of the dense warm-up (<= --dense_warmup_epochs) train the layers "
+                          "in --basis_modules against their product quantization (hf_basis.prepare_pq_aware_training:"
+                          " the forward uses the quantized rows, the gradient steps the dense ones, codes and "
+                          "centroids follow by a k-means step every --pq_refresh_steps steps); the conversion keeps "
+                          "that codebook, so it changes nothing"},
+    )
+    pq_refresh_steps: int = field(
+        default=10, metadata={"help": "with --pq_aware_epochs: optimizer steps between two codebook refreshes"}
+    )
     compression_seed: int = 0
     pq_weighting: str = field(
         default="uniform",
@@ -180,6 +192,14 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
                      "reference, --compression none with --basis_optimizer adam)")
     if comp_args.basis_modules not in BASIS_MODULES:
         parser.error(f"--basis_modules must be one of {BASIS_MODULES}")
+    if comp_args.pq_aware_epochs < 0 or comp_args.pq_refresh_steps < 1:
+        parser.error("--pq_aware_epochs must be >= 0 and --pq_refresh_steps >= 1")
+    if comp_args.pq_aware_epochs and not (
+        comp_args.compression == "basis" and 0 < comp_args.pq_aware_epochs <= comp_args.dense_warmup_epochs
+        and not model_args.tie_word_embeddings and not comp_args.pq_calibration_batches
+    ):
+        parser.error("--pq_aware_epochs needs --compression basis, --dense_warmup_epochs >= it, untied layers and no "
+                     "--pq_calibration_batches (the conversion keeps the trained codebook)")
     if comp_args.dense_warmup_epochs and comp_args.dense_warmup_epochs >= training_args.num_train_epochs:
         parser.error("--dense_warmup_epochs must be smaller than --num_train_epochs (the total)")
     # The loss and the perplexity read the aligned targets; the Trainer must pass them to the metric.
@@ -260,7 +280,28 @@ def _datasets(model_args, data_args, training_args, streams):
     return tuple(BlockDataset(streams[split], data_args.bptt) for split in ("train", "validation", "test"))
 
 
-def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None):
+class StartPQAwareTraining(TrainerCallback):
+    """--pq_aware_epochs: prepares the model for PQ-aware training at the first step past `start_epoch` of the dense
+    phase (the optimizer keeps its state: the dense weights stay the same Parameters)."""
+
+    def __init__(self, start_epoch: float, comp_args: CompressionArguments, token_counts: torch.Tensor | None) -> None:
+        self.start_epoch, self.comp_args, self.token_counts, self.started = start_epoch, comp_args, token_counts, False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.started or (state.epoch or 0.0) < self.start_epoch - 1e-6:
+            return
+        c = self.comp_args
+        hf_basis.prepare_pq_aware_training(
+            model, c.num_basis, c.num_clusters, modules=c.basis_modules, seed=c.compression_seed,
+            token_frequencies=self.token_counts,
+        )
+        self.started = True
+        print(f"[hf_basis] epoch {state.epoch:g}: PQ-aware training of the {c.basis_modules} layer(s) "
+              f"({c.num_basis} x {c.num_clusters}, codebook refreshed every {c.pq_refresh_steps} steps)",
+              file=sys.stderr, flush=True)
+
+
+def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None, callbacks=()):
     """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer."""
     cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
     return cls(
@@ -276,7 +317,7 @@ def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp
         processing_class=tokenizer,
         compute_metrics=metric,
         preprocess_logits_for_metrics=token_nll,
-        callbacks=[stopper, SameCompressedStateCallback()],  # several processes: same codes on every rank
+        callbacks=[stopper, SameCompressedStateCallback(), *callbacks],  # several processes: same codes everywhere
     )
 
 
@@ -421,9 +462,14 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                           "eval_perplexity_before": trainer.evaluate()["eval_perplexity"]}
             if phase.after_switch and comp_args.compression != "none":
                 _convert(model, comp_args, datasets[0], token_counts)
+            callbacks = []
+            if comp_args.pq_aware_epochs and not phase.after_switch:
+                start = comp_args.dense_warmup_epochs - comp_args.pq_aware_epochs
+                callbacks = [StartPQAwareTraining(start, comp_args, token_counts),
+                             hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps)]
             with _tensorboard_run(args, phase.name if len(phases) > 1 else None):
                 trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
-                                   comp_args if phase.after_switch else None)
+                                   comp_args if phase.after_switch else None, callbacks)
             if switch is not None and "eval_perplexity_after" not in switch:
                 switch["eval_perplexity_after"] = trainer.evaluate()["eval_perplexity"]
                 switch["converted"] = _describe_conversion(model, comp_args)

@@ -349,3 +349,28 @@ def test_report_to_tensorboard_writes_one_run_per_phase(tiny_corpus, tmp_path):
     for phase in ("dense", "basis"):
         logged = _tensorboard_scalars(out / "runs" / phase)
         assert len(logged["train/loss"]) >= 2 and len(logged["eval/perplexity"]) >= 1
+
+
+def test_pq_aware_epochs_train_against_the_codebook_that_the_conversion_keeps(tiny_corpus, tmp_path, capfd):
+    results = train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_basis_both.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(tmp_path / "pqa"), "--num_train_epochs", "3", "--dense_warmup_epochs", "2",
+         "--pq_aware_epochs", "1", "--pq_refresh_steps", "2", "--num_basis", "4", "--num_clusters", "8",
+         "--per_device_train_batch_size", "4", "--pq_weighting", "frequency", "--continue_learning_rate", "true"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    log = capfd.readouterr().err
+    assert "epoch 1: PQ-aware training of the both layer(s) (4 x 8, codebook refreshed every 2 steps)" in log
+    refreshes = [e for e in results["log_history"] if "pq_codes_changed" in e]
+    assert [e["epoch"] for e in refreshes] == [2.0]  # logged for the PQ-aware epoch only
+    assert 0 <= refreshes[0]["pq_codes_changed"] <= 1 and 0 < refreshes[0]["pq_relative_error"] < 1
+    switch = results["switch"]  # the model already computed with the codebook: converting changes nothing
+    assert switch["eval_perplexity_after"] == pytest.approx(switch["eval_perplexity_before"], rel=1e-5)
+    assert [layer["kind"] for layer in results["compressed_modules"]["layers"]] == ["BasisEmbedding", "BasisLinear"]
+    for bad in (["--pq_aware_epochs", "3", "--dense_warmup_epochs", "2"],  # longer than the dense phase
+                ["--pq_aware_epochs", "1", "--dense_warmup_epochs", "2", "--compression", "quant"],
+                ["--pq_aware_epochs", "1", "--dense_warmup_epochs", "2", "--pq_calibration_batches", "2"],
+                ["--pq_refresh_steps", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args([os.path.join(REPO, "recipes", "configs", "ptb_basis_both.yaml"), *bad],
+                       train_ptb.PTB_DEFAULTS)
