@@ -68,5 +68,6 @@ ev = [e for e in prof.events()]
 names = collections.Counter(e.name for e in ev if e.name.startswith("aten::"))
 print("aten ops (incl. nested):", sum(names.values()))
 print(sorted(names.items(), key=lambda kv: -kv[1]))
-top = [e for e in ev if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+top = [e for e in ev if e.name.startswith("aten::")
+       and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
 print("top-level aten ops:", len(top), collections.Counter(e.name for e in top))

@@ -147,7 +147,7 @@ def _decode_backward_impl(
         )
     else:
         grad_P, grad_bias = basis_decode_backward_reference(grad_logits, codes, num_clusters, need_bias_grad)
-    if grad_P.dtype != grad_dtype:  # the reference's fp32 (Triton stores grad_dtype): a same-dtype `.to` still dispatches
+    if grad_P.dtype != grad_dtype:  # the reference's fp32 (Triton stores grad_dtype); a same-dtype `.to` dispatches
         grad_P = grad_P.to(grad_dtype)
     if grad_bias is None:
         return grad_P, grad_logits.new_empty(0, dtype=bias_grad_dtype)

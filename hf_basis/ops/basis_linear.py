@@ -128,7 +128,8 @@ def _basis_linear_backward(ctx, grad_logits: torch.Tensor):
     grad_x = grad_centroids = None
     if need_x or need_centroids:
         grad_x, grad_centroids = _centroid_scores_backward_op(grad_P, x, centroids, need_x, need_centroids)
-    return grad_x if need_x else None, grad_centroids if need_centroids else None, None, grad_bias if need_bias else None
+    grad_bias = grad_bias if need_bias else None
+    return grad_x if need_x else None, grad_centroids if need_centroids else None, None, grad_bias
 
 
 _basis_linear_op = hf_basis_op("basis_linear", _basis_linear_impl, _basis_linear_fake, _basis_linear_setup_context,
