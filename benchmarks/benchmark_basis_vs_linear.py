@@ -144,6 +144,10 @@ def bench_cuda_row(T, H, V, B, K, dtype, device, cuda_graphs=True, copy_bw=None)
     row["bmm_fwd_ms"] = _do_bench(lambda: torch.bmm(C, x.view(T, B, H // B).permute(1, 2, 0)))
     row["decode_fwd_ms"] = _do_bench(lambda: basis_decode_triton(P, codes, bias))
     row["decode_bwd_ms"] = _do_bench(lambda: basis_decode_backward_triton(grad_out, codes, K, True, dtype, dtype))
+    # how much of the host's issue time is the Triton launches alone (1 forward, 2 backward kernels)
+    row["host_decode_fwd_us"] = _host_us(lambda: basis_decode_triton(P, codes, bias), [])
+    row["host_decode_bwd_us"] = _host_us(
+        lambda: basis_decode_backward_triton(grad_out, codes, K, True, dtype, dtype), [])
     if copy_bw:
         row["logits_write_ms"] = T * V * grad_out.element_size() / copy_bw * 1e3
         row["decode_over_write"] = row["decode_fwd_ms"] / row["logits_write_ms"]

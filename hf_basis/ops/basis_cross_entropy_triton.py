@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from hf_basis.ops.basis_decode_triton import _segment_sum_kernel, codes_csr
+from hf_basis.ops.grid_math import cdiv, next_power_of_2
 
 __all__ = [
     "lse_triton", "forward_stats_triton", "ce_grad_triton", "forward_stats_one_pass_triton", "grad_from_sums_triton",
@@ -402,18 +403,18 @@ def _num_sms(device: torch.device) -> int:
 def chunk_tokens(T: int, V: int, element_size: int, budget_bytes: int = _GT_BYTES) -> int:
     """Tokens per backward chunk: Gt (V, Tc) within `budget_bytes`, a multiple of SEGMENT_BLOCK_T, <= T rounded up."""
     tc = max(SEGMENT_BLOCK_T, (budget_bytes // max(1, V * element_size)) // SEGMENT_BLOCK_T * SEGMENT_BLOCK_T)
-    return min(tc, triton.cdiv(max(T, 1), SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T)
+    return min(tc, cdiv(max(T, 1), SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T)
 
 
 def _splits(n_blocks: int, V: int, block_v: int, programs_per_sm: int, device: torch.device) -> int:
     """Vocabulary splits so that n_blocks x splits ~ programs_per_sm programs per SM, each walking >= 4 word tiles."""
-    return max(1, min(triton.cdiv(programs_per_sm * _num_sms(device), n_blocks), triton.cdiv(V, 4 * block_v)))
+    return max(1, min(cdiv(programs_per_sm * _num_sms(device), n_blocks), cdiv(V, 4 * block_v)))
 
 
 def _word_splits(V: int, splits: int, block_v: int) -> tuple[int, int]:
     """(words per split, a whole number of word tiles; number of non-empty splits) for about `splits` splits."""
-    v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-    return v_per_split, triton.cdiv(V, v_per_split)
+    v_per_split = cdiv(cdiv(V, splits), block_v) * block_v
+    return v_per_split, cdiv(V, v_per_split)
 
 
 _P_IN_L2_BYTES = 32 * 2**20  # P (B x K x T) up to this size stays resident in the H100's 50 MB L2 next to the rest
@@ -430,7 +431,7 @@ def _lse_config(T: int, V: int, p_bytes: int, device: torch.device) -> dict:
         block_t, block_v, warps, per_sm = 32, 256, 8, 2
     else:
         block_t, block_v, warps, per_sm = 64, 32, 2, 8
-    splits = _splits(triton.cdiv(T, block_t), V, block_v, per_sm, device)
+    splits = _splits(cdiv(T, block_t), V, block_v, per_sm, device)
     return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": warps, "num_stages": 1}
 
 
@@ -439,7 +440,7 @@ def _exp_config(Tc: int, V: int, device: torch.device) -> dict:
     128256 / 8192, 4096, 128256): 64 tokens x 64 words, 4 warps, 4 programs/SM: 12.9 / 7.8 ms (64 x 32 x 2 warps x 8:
     13.9 / 8.0; 128 x 32: 13.8 / 8.5; 32 x 256 x 8 warps: 16.9 / 10.4)."""
     block_t, block_v, per_sm = 64, 64, 4
-    splits = _splits(triton.cdiv(Tc, block_t), V, block_v, per_sm, device)
+    splits = _splits(cdiv(Tc, block_t), V, block_v, per_sm, device)
     return {"BLOCK_T": block_t, "BLOCK_V": block_v, "splits": splits, "num_warps": 4, "num_stages": 1}
 
 
@@ -449,7 +450,7 @@ def _grad_config(Tc: int, V: int) -> dict:
 
 
 def _segment_config(Tc: int) -> dict:
-    return {"BLOCK_W": 32, "BLOCK_T": min(SEGMENT_BLOCK_T, triton.next_power_of_2(Tc)), "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_W": 32, "BLOCK_T": min(SEGMENT_BLOCK_T, next_power_of_2(Tc)), "num_warps": 4, "num_stages": 2}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,7 +477,7 @@ def lse_partials_triton(P, codes, bias, softcap=None, with_sum=False, config=Non
     s = torch.empty_like(m)
     total = torch.empty_like(m) if with_sum else m
     if T > 0:
-        _lse_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), splits)](
+        _lse_kernel[(cdiv(T, cfg["BLOCK_T"]), splits)](
             P, codes, bias if bias is not None else P, m, s, total, V, T, v_per_split, P.stride(0),
             float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             WITH_SUM=with_sum, **cfg,
@@ -513,7 +514,7 @@ def _finalize(P, codes, bias, labels, ignore_index, label_smoothing, z_loss, sof
     out = torch.empty((3, T), device=P.device, dtype=torch.float32)
     if T > 0:
         block = 256
-        _finalize_kernel[(triton.cdiv(T, block),)](
+        _finalize_kernel[(cdiv(T, block),)](
             P, codes, bias if bias is not None else P, labels, m, s, total if with_sum else m, stats, out,
             ycoef if ycoef is not None else stats, V, T, K, m.shape[0], int(ignore_index), float(label_smoothing),
             float(z_loss), float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None,
@@ -528,8 +529,8 @@ def _chunk_buffers(P: torch.Tensor, V: int, chunk: int | None):
     segment sums land in its columns; the padding is sliced off, no copy) and the (V, Tc) buffer Gt (None if T = 0)."""
     B, K, T = P.shape
     Tc = chunk or chunk_tokens(T, V, P.element_size())
-    Tc = triton.cdiv(Tc, SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T if Tc >= SEGMENT_BLOCK_T else Tc
-    n_chunks = triton.cdiv(T, Tc) if T > 0 else 0
+    Tc = cdiv(Tc, SEGMENT_BLOCK_T) * SEGMENT_BLOCK_T if Tc >= SEGMENT_BLOCK_T else Tc
+    n_chunks = cdiv(T, Tc) if T > 0 else 0
     gP = torch.empty((B, K, n_chunks * Tc), device=P.device, dtype=P.dtype)
     Gt = torch.empty((V, Tc), device=P.device, dtype=P.dtype) if n_chunks else None
     if n_chunks == 1 and T < Tc:
@@ -567,8 +568,8 @@ def ce_grad_triton(
     gbias = torch.zeros(V, device=dev, dtype=torch.float32) if need_bias_grad else None
     if n_chunks:
         words, seg_offsets = codes_csr(codes, K)
-        grid_g = (triton.cdiv(V, gcfg["BLOCK_V"]),)
-        grid_s = (B * K, triton.cdiv(Tc, scfg["BLOCK_T"]))
+        grid_g = (cdiv(V, gcfg["BLOCK_V"]),)
+        grid_s = (B * K, cdiv(Tc, scfg["BLOCK_T"]))
         scale_stride = 1 if scale.numel() > 1 else 0
         for i in range(n_chunks):
             t0 = i * Tc
@@ -656,11 +657,11 @@ def forward_stats_one_pass_triton(
         words, seg_offsets = codes_csr(codes, K)
         s_part = torch.empty((splits, Tc), device=dev, dtype=torch.float32)
         sum_part = torch.empty_like(s_part) if with_sum else s_part
-        grid_s = (B * K, triton.cdiv(Tc, scfg["BLOCK_T"]))
+        grid_s = (B * K, cdiv(Tc, scfg["BLOCK_T"]))
         for i in range(n_chunks):
             t0 = i * Tc
             nt = min(Tc, T - t0)
-            _ce_exp_kernel[(triton.cdiv(nt, ecfg["BLOCK_T"]), splits)](
+            _ce_exp_kernel[(cdiv(nt, ecfg["BLOCK_T"]), splits)](
                 P, codes, bias if bias is not None else P, shift, labels, Gt, s_part, sum_part, V, T, t0, nt,
                 v_per_split, Tc, P.stride(0), float(softcap or 1.0), NUM_BASIS=B, HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap is not None, WITH_SUM=with_sum, **ecfg,
@@ -690,7 +691,7 @@ def grad_from_sums_triton(
     if T > 0:
         _, seg_offsets = codes_csr(codes, K)
         block_k, block_t = 64, 64
-        _grad_from_sums_kernel[(triton.cdiv(T, block_t), triton.cdiv(K, block_k), B)](
+        _grad_from_sums_kernel[(cdiv(T, block_t), cdiv(K, block_k), B)](
             G, codes, labels, stats, exp_sums.shift, exp_sums.ycoef, scale, seg_offsets, codes.shape[0], T, K,
             G.stride(1), 1 if scale.numel() > 1 else 0, NUM_BASIS=B, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=4,
         )

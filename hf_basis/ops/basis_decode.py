@@ -23,14 +23,22 @@ import torch
 from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
 
-__all__ = ["basis_decode", "basis_decode_reference", "basis_decode_backward_reference", "codes_csr"]
+__all__ = [
+    "basis_decode", "basis_decode_reference", "basis_decode_backward_reference", "check_codes_and_bias", "codes_csr",
+    "decode_backward_op", "decode_impl",
+]
 
 
 def _check_shapes(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> None:
     if P.dim() != 3:
         raise ValueError(f"P must be (num_basis, num_clusters, tokens), got shape {tuple(P.shape)}")
-    if codes.dim() != 2 or codes.shape[1] != P.shape[0]:
-        raise ValueError(f"codes must be (vocab, num_basis={P.shape[0]}), got shape {tuple(codes.shape)}")
+    check_codes_and_bias(codes, bias, P.shape[0])
+
+
+def check_codes_and_bias(codes: torch.Tensor, bias: torch.Tensor | None, num_basis: int) -> None:
+    """codes: an integer (vocab, num_basis) tensor; bias: None or (vocab,)."""
+    if codes.dim() != 2 or codes.shape[1] != num_basis:
+        raise ValueError(f"codes must be (vocab, num_basis={num_basis}), got shape {tuple(codes.shape)}")
     if codes.is_floating_point() or codes.is_complex():
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
     if bias is not None and bias.shape != (codes.shape[0],):
@@ -111,7 +119,7 @@ def codes_csr(codes: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, tor
     return csr
 
 
-def _decode_impl(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def decode_impl(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The op `hf_basis::basis_decode`: Triton on CUDA, the PyTorch reference elsewhere."""
     if use_triton(P, codes):
         from hf_basis.ops.basis_decode_triton import basis_decode_triton
@@ -139,10 +147,11 @@ def _decode_backward_impl(
         )
     else:
         grad_P, grad_bias = basis_decode_backward_reference(grad_logits, codes, num_clusters, need_bias_grad)
-    grad_P = grad_P.to(grad_dtype)
+    if grad_P.dtype != grad_dtype:  # the reference's fp32 (Triton stores grad_dtype); a same-dtype `.to` dispatches
+        grad_P = grad_P.to(grad_dtype)
     if grad_bias is None:
         return grad_P, grad_logits.new_empty(0, dtype=bias_grad_dtype)
-    return grad_P, grad_bias.to(bias_grad_dtype)
+    return grad_P, grad_bias if grad_bias.dtype == bias_grad_dtype else grad_bias.to(bias_grad_dtype)
 
 
 def _decode_backward_fake(grad_logits, codes, num_clusters, need_bias_grad, grad_dtype, bias_grad_dtype):
@@ -162,14 +171,14 @@ def _decode_setup_context(ctx, inputs, output):
 def _decode_backward(ctx, grad_logits: torch.Tensor):
     (codes,) = ctx.saved_tensors
     need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-    grad_P, grad_bias = _decode_backward_op(
+    grad_P, grad_bias = decode_backward_op(
         grad_logits, codes, ctx.num_clusters, need_bias, ctx.P_dtype, ctx.bias_dtype or torch.float32
     )
     return grad_P if ctx.needs_input_grad[0] else None, None, grad_bias if need_bias else None
 
 
-_decode_backward_op = hf_basis_op("basis_decode_backward", _decode_backward_impl, _decode_backward_fake)
-_decode_op = hf_basis_op("basis_decode", _decode_impl, _decode_fake, _decode_setup_context, _decode_backward)
+decode_backward_op = hf_basis_op("basis_decode_backward", _decode_backward_impl, _decode_backward_fake)
+_decode_op = hf_basis_op("basis_decode", decode_impl, _decode_fake, _decode_setup_context, _decode_backward)
 
 
 def basis_decode(P: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from hf_basis.ops.basis_decode import codes_csr
+from hf_basis.ops.grid_math import cdiv, next_power_of_2
 
 __all__ = ["basis_decode_triton", "basis_decode_backward_triton", "codes_csr"]
 
@@ -163,7 +164,7 @@ def _segment_sum_kernel(
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
-    return min(cap, triton.next_power_of_2(max(1, n)))
+    return min(cap, next_power_of_2(max(1, n)))
 
 
 # Measured on an H100 (T=128, V=100k, 8 x 384, fp16; benchmarks/results/ and the notes in the report):
@@ -210,7 +211,7 @@ def basis_decode_triton(
     if (K - 1) * abs(P.stride(1)) + (T - 1) * abs(P.stride(2)) >= 2**31:
         raise ValueError("one sub-space of P must span < 2**31 elements (32-bit offsets inside the kernel)")
     cfg = config or _forward_config(T, V, B)  # cached dict: read only
-    grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(T, cfg["BLOCK_T"]))
+    grid = (cdiv(V, cfg["BLOCK_V"]), cdiv(T, cfg["BLOCK_T"]))
     args = (
         P,
         codes,
@@ -268,7 +269,7 @@ def basis_decode_backward_triton(
         grad_logits.stride(0),
         grad_logits.stride(1),
     )
-    _transpose_rowsum_kernel[(triton.cdiv(V, tcfg["BLOCK_V"]),)](*args, HAS_BIAS=need_bias_grad, **tcfg)
-    grid = (B * num_clusters, triton.cdiv(T, scfg["BLOCK_T"]))
+    _transpose_rowsum_kernel[(cdiv(V, tcfg["BLOCK_V"]),)](*args, HAS_BIAS=need_bias_grad, **tcfg)
+    grid = (B * num_clusters, cdiv(T, scfg["BLOCK_T"]))
     _segment_sum_kernel[grid](Gt, words, seg_offsets, grad_P, T, T, **scfg)
     return grad_P, grad_bias

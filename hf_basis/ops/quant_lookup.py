@@ -19,6 +19,7 @@ import torch
 from hf_basis.compress.packing import packed_nbytes, unpack_bits
 from hf_basis.ops.custom_op import hf_basis_op
 from hf_basis.ops.dispatch import use_triton
+from hf_basis.ops.grid_math import cdiv, next_power_of_2
 from hf_basis.validation import check_nbit
 
 try:  # triton is missing on some platforms; the reference path needs none of it
@@ -142,8 +143,8 @@ def _block_sizes(n_tokens: int, dim: int) -> tuple[int, int, int]:
 
     On an H100 (T=8192, D=4096, fp16 out) larger tiles (up to 16 x 1024, 8 warps) were within noise of this one.
     """
-    block_d = max(8, min(256, triton.next_power_of_2(dim)))  # >= 8 so that a 1-bit tile holds a whole byte
-    block_t = max(1, min(triton.next_power_of_2(n_tokens), 4096 // block_d))
+    block_d = max(8, min(256, next_power_of_2(dim)))  # >= 8 so that a 1-bit tile holds a whole byte
+    block_t = max(1, min(next_power_of_2(n_tokens), 4096 // block_d))
     return block_t, block_d, 4
 
 
@@ -176,7 +177,7 @@ def quant_lookup_triton(
         table = levels.contiguous() if nbit != 32 else packed  # nbit 32 reads no levels; any valid pointer does
         block_t, block_d, num_warps = _block_sizes(flat.numel(), dim)
         per_byte = 8 // nbit if nbit < 8 else 1
-        grid = (triton.cdiv(flat.numel(), block_t), triton.cdiv(dim, block_d))
+        grid = (cdiv(flat.numel(), block_t), cdiv(dim, block_d))
         _quant_lookup_kernel[grid](
             packed, table, flat, out, ok,
             flat.numel(), num_rows, packed.shape[1], dim,

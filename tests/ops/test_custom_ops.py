@@ -28,6 +28,8 @@ def test_decode_and_projection_ops(with_bias):
     P = torch.randn(2, 4, 5, requires_grad=True)
     torch.library.opcheck(ops.basis_decode, (P, codes, bias if with_bias else None))
     torch.library.opcheck(ops.centroid_scores, (hidden, centroids))
+    torch.library.opcheck(ops.basis_linear, (hidden, centroids, codes, bias if with_bias else None))
+    torch.library.opcheck(ops.basis_linear, (hidden.detach().view(1, 5, 6).requires_grad_(), centroids, codes, None))
     grad = torch.randn(5, 23)
     torch.library.opcheck(ops.basis_decode_backward, (grad, codes, 4, with_bias, torch.float32, torch.float32))
     torch.library.opcheck(ops.centroid_scores_backward, (P.detach(), hidden.detach(), centroids.detach(), True,
