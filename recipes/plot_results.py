@@ -62,6 +62,8 @@ def _setting(run: dict) -> str:
         what = "dense"
     branch, switch = run.get("branch_of") or {}, run.get("switch") or {}
     epoch = branch.get("epoch") or comp["dense_warmup_epochs"]
+    if comp.get("pq_aware_epochs"):  # older results.json files lack the field
+        what += f", PQ-aware from {epoch - comp['pq_aware_epochs']:g}"
     lr = comp["compressed_learning_rate"] or branch.get("learning_rate") or switch.get("learning_rate")
     return what + (f", switch at {epoch:g}" if epoch else "") + (f" (lr {lr:.3g})" if epoch and lr else "")
 
