@@ -147,11 +147,12 @@ def heal(heal: HealArguments, training: TrainingArguments, command: str = "") ->
     tokenizer = AutoTokenizer.from_pretrained(heal.teacher)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    teacher = _load_model(heal.teacher).eval()
+    # On the training device from the start: the conversion's k-means and the measurements before healing run there.
+    teacher = _load_model(heal.teacher).to(training.device).eval()
     if heal.student is not None:
-        student = _load_model(heal.student)
+        student = _load_model(heal.student).to(training.device)
     else:
-        student = _load_model(heal.teacher)
+        student = _load_model(heal.teacher).to(training.device)
         settings = ({"num_basis": heal.num_basis, "num_clusters": heal.num_clusters} if heal.method == "basis"
                     else {"nbit": heal.nbit})
         convert(student, method=heal.method, modules=heal.modules, seed=training.seed, **settings)
@@ -201,8 +202,11 @@ def heal(heal: HealArguments, training: TrainingArguments, command: str = "") ->
         "compression": student.hf_basis_config, "compression_ratio": rep.compression_ratio,
         "bytes_before": rep.bytes_before, "bytes_after": rep.bytes_after,
         "teacher_metric": teacher_metric, "before_healing": before, "after_code_refit": refit,
-        "after_healing": after, "train_sentences": len(train_texts), "eval_sentences": len(test_texts),
-        "train_seconds": round(seconds, 1), "compressed_lr": trainer.compressed_lr,
+        "after_healing": after, "train_sentences": len(train_texts),
+        # tokens the healing read: the training sentences' (truncated) tokens once per epoch trained
+        "train_tokens": round(sum(map(len, encoded["input_ids"])) * (trainer.state.epoch or 0)),
+        "eval_sentences": len(test_texts), "train_seconds": round(seconds, 1), "compressed_lr": trainer.compressed_lr,
+        "device": torch.cuda.get_device_name(training.device) if training.device.type == "cuda" else "cpu",
         "heal_args": asdict(heal), "command": command,
     }  # fmt: skip
     os.makedirs(training.output_dir, exist_ok=True)

@@ -21,8 +21,12 @@ __all__ = ["epoch_curve", "load", "main", "table"]
 
 
 def load(path: str) -> dict:
+    """A training run's results.json; ValueError for any other JSON (heal.py's results.json has no epochs to plot:
+    recipes/heal_sweep.sh tabulates those)."""
     with open(path, encoding="utf-8") as f:
         run = json.load(f)
+    if not isinstance(run, dict) or "log_history" not in run or "test_perplexity" not in run:
+        raise ValueError(f"{path} is not the results.json of a training run (train_ptb.py / train_wikitext.py)")
     run.setdefault("run_name", os.path.splitext(os.path.basename(path))[0])
     return run
 
@@ -121,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="results.json files written by the recipes")
     parser.add_argument("-o", "--output", help="PNG to write (curves, bytes)")
     args = parser.parse_args(argv)
-    runs = [load(path) for path in args.results]
+    try:
+        runs = [load(path) for path in args.results]
+    except ValueError as err:
+        parser.error(str(err))
     if args.what == "table":
         print(table(runs))
         return 0

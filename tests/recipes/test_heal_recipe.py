@@ -53,6 +53,9 @@ def test_heal_recipe_on_an_encoder_writes_checkpoint_card_and_results(tmp_path):
     after = saved["after_healing"]["sentence_cosine"]  # that healing improves it: tests/integrations/test_distillation
     assert 0 < saved["before_healing"]["sentence_cosine"] <= 1 and 0 < after <= 1
     assert saved["teacher_metric"] == {"sentence_cosine": 1.0} and saved["train_sentences"] == 64
+    # 6 steps of 8 of the 64 one-token-a-word training lines: 3/4 of an epoch of their words
+    words = sum(len(line.split()) for line in (data / "train.txt").read_text().splitlines())
+    assert saved["train_tokens"] == round(words * 6 * 8 / 64)
     card = (out / "README.md").read_text()
     assert "## Healing" in card and f"{after:.4f}" in card
     healed = transformers.BertModel.from_pretrained(out)

@@ -69,3 +69,14 @@ def test_plots_are_written(tmp_path, what):
     assert not (tmp_path / f"{what}.png.tmp.png").exists()
     with pytest.raises(SystemExit):  # a plot needs somewhere to go
         plot_results.main([what, *paths])
+
+
+def test_a_heal_results_file_is_refused_with_one_line(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "heal_minilm.json"  # what recipes/heal.py writes: metrics before / after, no epochs
+    path.write_text(json.dumps({"teacher_metric": {"sentence_cosine": 1.0}, "after_healing": {"sentence_cosine": 0.9},
+                                "compression": {"method": "basis"}}))
+    with pytest.raises(SystemExit):
+        plot_results.main(["table", str(path)])
+    assert "heal_minilm.json is not the results.json of a training run" in capsys.readouterr().err
