@@ -66,7 +66,9 @@ class FakeProductQuantize(nn.Module):
         return weight + (quantized - weight).detach()  # value: quantized; gradient: straight to the dense weight
 
     @torch.no_grad()
-    def refresh(self, weight: torch.Tensor) -> float:
+    def refresh(self, weight: torch.Tensor, pull: float = 0.0) -> float:
+        """One Lloyd step to `weight`; then, with `pull` > 0, move the dense rows that fraction of the way to their
+        new quantized rows (in place). Returns the fraction of rows whose codes changed."""
         result = product_quantize(
             weight.detach(), self.num_basis, self.num_clusters, max_iter=1, init_centroids=self.centroids,
             sample_weight=self.sample_weight,
@@ -75,6 +77,8 @@ class FakeProductQuantize(nn.Module):
         self.codes.copy_(result.codes)
         self.centroids.copy_(result.centroids)
         self.relative_error = result.relative_error
+        if pull:
+            weight.lerp_(reconstruct(self.codes, self.centroids).to(weight.dtype), pull)
         return changed
 
 
@@ -158,20 +162,23 @@ def trained_codebook(layer: nn.Module, num_basis: int, num_clusters: int) -> tup
 
 class PQAwareTrainingCallback(TrainerCallback):
     """Refreshes the codebooks of a model prepared by `prepare_pq_aware_training` every `refresh_steps` optimizer
-    steps, and appends to the log history each epoch the mean fraction of words whose codes changed and the relative
+    steps (and, with `pull` > 0, moves the dense rows that fraction of the way to their quantized rows: without it a
+    row whose gradient never changes its code drifts away from it, since its quantized value gives no feedback), and appends to the log history each epoch the mean fraction of words whose codes changed and the relative
     reconstruction error (`pq_codes_changed`, `pq_relative_error`)."""
 
-    def __init__(self, refresh_steps: int = 10) -> None:
+    def __init__(self, refresh_steps: int = 10, pull: float = 0.0) -> None:
         if isinstance(refresh_steps, bool) or not isinstance(refresh_steps, int) or refresh_steps < 1:
             raise ValueError(f"refresh_steps must be a positive integer, got {refresh_steps!r}")
-        self.refresh_steps = refresh_steps
+        if not 0.0 <= pull <= 1.0:
+            raise ValueError(f"pull must be in [0, 1], got {pull!r}")
+        self.refresh_steps, self.pull = refresh_steps, pull
         self._changed: list[float] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.refresh_steps:
             return
         for layer, quantizer in fake_quantizers(model):
-            self._changed.append(quantizer.refresh(layer.parametrizations.weight.original))
+            self._changed.append(quantizer.refresh(layer.parametrizations.weight.original, self.pull))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         quantizers = fake_quantizers(model) if model is not None else []

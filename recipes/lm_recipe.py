@@ -118,6 +118,11 @@ class CompressionArguments:
     pq_refresh_steps: int = field(
         default=10, metadata={"help": "with --pq_aware_epochs: optimizer steps between two codebook refreshes"}
     )
+    pq_pull: float = field(
+        default=0.0,
+        metadata={"help": "with --pq_aware_epochs: at each refresh move the dense rows this fraction (0..1) of the way "
+                          "to their quantized rows (1: projected gradient descent onto the codebook)"},
+    )
     compression_seed: int = 0
     pq_weighting: str = field(
         default="uniform",
@@ -192,8 +197,8 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
                      "reference, --compression none with --basis_optimizer adam)")
     if comp_args.basis_modules not in BASIS_MODULES:
         parser.error(f"--basis_modules must be one of {BASIS_MODULES}")
-    if comp_args.pq_aware_epochs < 0 or comp_args.pq_refresh_steps < 1:
-        parser.error("--pq_aware_epochs must be >= 0 and --pq_refresh_steps >= 1")
+    if comp_args.pq_aware_epochs < 0 or comp_args.pq_refresh_steps < 1 or not 0 <= comp_args.pq_pull <= 1:
+        parser.error("--pq_aware_epochs must be >= 0, --pq_refresh_steps >= 1 and --pq_pull in [0, 1]")
     if comp_args.pq_aware_epochs and not (
         comp_args.compression == "basis" and 0 < comp_args.pq_aware_epochs <= comp_args.dense_warmup_epochs
         and not model_args.tie_word_embeddings and not comp_args.pq_calibration_batches
@@ -466,7 +471,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
             if comp_args.pq_aware_epochs and not phase.after_switch:
                 start = comp_args.dense_warmup_epochs - comp_args.pq_aware_epochs
                 callbacks = [StartPQAwareTraining(start, comp_args, token_counts),
-                             hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps)]
+                             hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps, comp_args.pq_pull)]
             with _tensorboard_run(args, phase.name if len(phases) > 1 else None):
                 trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
                                    comp_args if phase.after_switch else None, callbacks)

@@ -1,16 +1,15 @@
 #!/bin/bash
 # The 40-epoch PTB sweep of PQ-aware training (--pq_aware_epochs: the dense layers train against their product
 # quantization while their codes follow; hf_basis/pq_aware_training.py), behind recipes/results/ptb_pqa_*.json, for
-# one GPU (run from the repo root; all runs side by side, ~25 min on an H100). Runs starting at epoch 10 continue the
-# dense run's epoch-10 checkpoint (--init_from, at the learning rate it had reached), which is what one process with
-# --dense_warmup_epochs 38 --pq_aware_epochs 28 does. Logs and outputs in $RUNS (runs/).
+# one GPU (run from the repo root; all runs side by side, ~20 min on an H100). The PQ-aware runs continue the dense
+# run's epoch-10/20/30 checkpoint (--init_from, at the learning rate it had reached), which is what one process with
+# --dense_warmup_epochs 38 --pq_aware_epochs 28 (18, 8) --continue_learning_rate true does; all switch at epoch 38. Logs and outputs in $RUNS (runs/).
 #   PTB_DIR=path/to/ptb bash recipes/ptb_pq_aware_sweep.sh        (EPOCHS=2 EXTRA="--max_train_tokens 20000": smoke test)
 set -u
 D=${PTB_DIR:-../shared/data/ptb}; R=${RUNS:-runs}; E=${EPOCHS:-40}; mkdir -p $R
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 COMMON="--data_dir $D --disable_tqdm true --logging_steps 500 --report_to none ${EXTRA:-}"
 PQA="--pq_weighting frequency --continue_learning_rate true"
-MED="--emsize 650 --nhid 650 --dropout 0.5"
 OUT=recipes/configs/ptb_basis_output.yaml; BOTH=recipes/configs/ptb_basis_both.yaml
 S=$((38 * E / 40))  # the switch to the basis layers: two epochs before the end
 run() { local name=$1; shift
@@ -30,9 +29,12 @@ branch() { local name=$1 src=$2 b=$3; shift 3
         --cache_dir $R/cache_$name >> $R/$name.log 2>&1
     echo "exit $?" >> $R/$name.log ) & }
 run dense recipes/configs/ptb_dense.yaml --save_strategy epoch
-run out_8x384_pqa0 $OUT --dense_warmup_epochs $S --pq_aware_epochs $S $PQA
-run both_8x400_pqa0 $BOTH --dense_warmup_epochs $S --pq_aware_epochs $S $PQA
-run medium_both_10x400_pqa0 $BOTH --dense_warmup_epochs $S --pq_aware_epochs $S --num_basis 10 $PQA $MED
-branch out_8x384_pqa10 dense $((10 * E / 40)) $OUT
-branch both_8x400_pqa10 dense $((10 * E / 40)) $BOTH
+B10=$((10 * E / 40)); B20=$((20 * E / 40)); B30=$((30 * E / 40))
+branch out_8x384_pqa10_pull0.5 dense $B10 $OUT --pq_pull 0.5
+branch out_8x384_pqa20_pull0.5 dense $B20 $OUT --pq_pull 0.5
+branch out_8x384_pqa30_pull0.5 dense $B30 $OUT --pq_pull 0.5
+branch out_8x384_pqa20_pull0 dense $B20 $OUT --pq_pull 0
+branch out_8x384_pqa20_pull1 dense $B20 $OUT --pq_pull 1
+branch both_8x400_pqa10_pull0.5 dense $B10 $BOTH --pq_pull 0.5
+branch both_8x400_pqa20_pull0.5 dense $B20 $BOTH --pq_pull 0.5
 wait

@@ -109,24 +109,41 @@ def test_bad_input_is_refused_before_the_model_changes():
         hf_basis.prepare_pq_aware_training(model, B, K, modules="input")
     with pytest.raises(ValueError, match="refresh_steps"):
         hf_basis.PQAwareTrainingCallback(refresh_steps=0)
+    with pytest.raises(ValueError, match="pull"):
+        hf_basis.PQAwareTrainingCallback(pull=1.5)
 
 
 def test_callback_refreshes_every_n_steps_and_logs_each_epoch(monkeypatch):
     model = _model()
     hf_basis.prepare_pq_aware_training(model, B, K, modules="output")
     calls = []
-    monkeypatch.setattr(FakeProductQuantize, "refresh", lambda self, weight: calls.append(weight) or 0.25)
-    callback = hf_basis.PQAwareTrainingCallback(refresh_steps=3)
+    monkeypatch.setattr(FakeProductQuantize, "refresh",
+                        lambda self, weight, pull: (calls.append((weight, pull)), 0.25)[1])
+    callback = hf_basis.PQAwareTrainingCallback(refresh_steps=3, pull=0.5)
     state, control = TrainerState(), TrainerControl()
     args = TrainingArguments(output_dir="unused", report_to=[])
     for step in range(1, 8):
         state.global_step = step
         callback.on_step_end(args, state, control, model=model)
     assert len(calls) == 2  # steps 3 and 6
-    assert calls[0] is model.lm_head.parametrizations.weight.original
+    assert calls[0][0] is model.lm_head.parametrizations.weight.original and calls[0][1] == 0.5
     state.epoch = 1.0
     callback.on_epoch_end(args, state, control, model=model)
     assert state.log_history[-1]["pq_codes_changed"] == 0.25 and "pq_relative_error" in state.log_history[-1]
+
+
+def test_pull_moves_the_dense_rows_toward_their_new_quantized_rows():
+    torch.manual_seed(3)
+    W = torch.randn(V, H)
+    quantizer = FakeProductQuantize(W, B, K)
+    moved = W + 0.2 * torch.randn(V, H)
+    dense = moved.clone()
+    quantizer.refresh(dense, pull=0.25)
+    target = _decoded(quantizer.codes, quantizer.centroids)  # the codebook after this refresh
+    torch.testing.assert_close(dense, moved + 0.25 * (target - moved))
+    untouched = moved.clone()
+    FakeProductQuantize(W, B, K).refresh(untouched)
+    assert torch.equal(untouched, moved)  # pull=0 (default): the dense rows are left alone
 
 
 def test_product_quantize_from_given_centroids():
