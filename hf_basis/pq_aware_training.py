@@ -1,21 +1,23 @@
 """PQ-aware training: train a dense model against the product quantization of its embedding / lm_head, then convert.
 
 Converting a trained model fixes each word's codes at that moment (k-means of the final weights); the rest of the
-network never saw the quantized layer, and the codes cannot follow it afterwards. Here the dense layers keep training,
-but their forward uses the product quantization of the current weight, and the gradient passes straight through to
-the dense weight (quantization-aware training with a straight-through estimator):
+network never saw the quantized layer, and the codes cannot follow it afterwards. Here the layer computes with its
+product quantization from the start of the phase (k-means of the dense weight, as `convert` does), its centroids
+train like a converted layer's, and a dense copy of the rows keeps getting each row's own gradient (straight
+through):
 
-    weight_used = weight + (reconstruct(codes, centroids) - weight).detach()
+    weight_used = reconstruct(codes, centroids) + (weight - weight.detach())
 
-Every `refresh_steps` optimizer steps one weighted Lloyd iteration moves the codebook to the current weights
-(`product_quantize(..., init_centroids=..., max_iter=1)`): words whose rows moved get new codes, centroids become the
-(frequency-weighted) means of their rows again. The rest of the model learns to work with the quantized layers while
-the codes still move. `hf_basis.convert` then takes these codebooks as they are (no new k-means), so the converted
-model computes exactly what the last step trained.
+Every `refresh_steps` optimizer steps each row takes the codes nearest to its dense copy (its decoded row plus the
+gradient steps since the last refresh), and the dense copy restarts from the decoded row (`pull`). So a word whose
+gradient keeps pointing to another centroid moves there, which a converted layer's fixed codes never allow.
+`hf_basis.convert` then takes the codebook as it is (no new k-means): the converted model computes exactly what the
+last step trained.
 
     hf_basis.prepare_pq_aware_training(model, num_basis=8, num_clusters=384, modules="output",
                                        token_frequencies=counts)
-    trainer = Trainer(model, ..., callbacks=[hf_basis.PQAwareTrainingCallback(refresh_steps=10)])
+    trainer = Trainer(model, ..., callbacks=[hf_basis.PQAwareTrainingCallback(refresh_steps=10)])  # a new Trainer:
+                                                                             # its optimizer must see the centroids
     trainer.train()
     hf_basis.convert(model, num_basis=8, num_clusters=384, modules="output")   # exact: uses the trained codebook
 
@@ -32,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import TrainerCallback
 
-from hf_basis.compress.pq import product_quantize, reconstruct, relative_error
+from hf_basis.compress.pq import encode, product_quantize, reconstruct, relative_error
 from hf_basis.modules.codebook import Codebook
 from hf_basis.validation import as_row_weights, check_basis_shape, check_choice, check_seed
 
@@ -44,11 +46,14 @@ MODULE_CHOICES = ("both", "input", "output")
 
 
 class FakeProductQuantize(nn.Module):
-    """A parametrization of a (V, D) weight: its product quantization forward, the identity backward.
+    """A parametrization of a (V, D) weight: its product quantization forward, gradients to the centroids and,
+    straight through, to the dense weight.
 
-    Buffers: `codes` (V, B) int64 and `centroids` (B, K, d) float32 — the codebook `hf_basis.convert` takes over —
-    and the optional (V,) k-means row weights. `refresh(weight)` moves the codebook to `weight` by one Lloyd
-    iteration and returns the fraction of codes that changed.
+    `codes` (V, B) int64 buffer and `centroids` (B, K, d) trainable parameter: the codebook `hf_basis.convert` takes
+    over. The centroids get the gradient a BasisLinear's centroids get (the sum over the words that use them), so the
+    layer learns as fast as a converted one; the dense rows get their own gradient, which is what lets a word change
+    its codes: `refresh(weight)` gives every row the codes nearest to it (the decoded row plus the gradient steps
+    since the last refresh), then moves the dense row `pull` of the way back to its decoded row.
     """
 
     def __init__(self, weight: torch.Tensor, num_basis: int, num_clusters: int, *,
@@ -57,26 +62,22 @@ class FakeProductQuantize(nn.Module):
         self.num_basis, self.num_clusters = num_basis, num_clusters
         result = product_quantize(weight.detach(), num_basis, num_clusters, seed=seed, sample_weight=sample_weight)
         self.register_buffer("codes", result.codes.long())
-        self.register_buffer("centroids", result.centroids)
-        self.register_buffer("sample_weight", None if sample_weight is None else sample_weight.to(weight.device))
+        self.centroids = nn.Parameter(result.centroids.to(weight.dtype))
         self.relative_error = result.relative_error
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         quantized = reconstruct(self.codes, self.centroids.to(weight.dtype))
-        return weight + (quantized - weight).detach()  # value: quantized; gradient: straight to the dense weight
+        return quantized + (weight - weight.detach())  # value: the quantized rows; gradient: also to the dense ones
 
     @torch.no_grad()
-    def refresh(self, weight: torch.Tensor, pull: float = 0.0) -> float:
-        """One Lloyd step to `weight`; then, with `pull` > 0, move the dense rows that fraction of the way to their
-        new quantized rows (in place). Returns the fraction of rows whose codes changed."""
-        result = product_quantize(
-            weight.detach(), self.num_basis, self.num_clusters, max_iter=1, init_centroids=self.centroids,
-            sample_weight=self.sample_weight,
-        )
-        changed = float((result.codes.long() != self.codes).any(dim=1).float().mean())
-        self.codes.copy_(result.codes)
-        self.centroids.copy_(result.centroids)
-        self.relative_error = result.relative_error
+    def refresh(self, weight: torch.Tensor, pull: float = 1.0) -> float:
+        """Re-assign every row of `weight` to its nearest centroids, then move the dense rows `pull` (0..1) of the
+        way to their decoded rows (in place; 1: the dense rows restart from the codebook, so only the gradient steps
+        of the last refresh interval decide a change of codes). Returns the fraction of rows whose codes changed."""
+        codes = encode(weight, self.centroids).long()
+        changed = float((codes != self.codes).any(dim=1).float().mean())
+        self.codes.copy_(codes)
+        self.relative_error = relative_error(weight.detach(), self.codes, self.centroids.detach())
         if pull:
             weight.lerp_(reconstruct(self.codes, self.centroids).to(weight.dtype), pull)
         return changed
@@ -152,21 +153,20 @@ def trained_codebook(layer: nn.Module, num_basis: int, num_clusters: int) -> tup
             f"{quantizer.num_clusters}; convert it with the same settings (got {num_basis}, {num_clusters})"
         )
     dense = layer.parametrizations.weight.original
-    book = Codebook(*dense.shape, num_basis, num_clusters, device=dense.device, dtype=dense.dtype)
+    book = Codebook(*dense.shape, num_basis, num_clusters, device=dense.device, dtype=quantizer.centroids.dtype)
     with torch.no_grad():
         book.codes.copy_(quantizer.codes)
         book.centroids.copy_(quantizer.centroids)
-    book.centroids.requires_grad_(dense.requires_grad)
-    return book, relative_error(dense.detach(), quantizer.codes, quantizer.centroids)
+    book.centroids.requires_grad_(quantizer.centroids.requires_grad)
+    return book, relative_error(dense.detach(), quantizer.codes, quantizer.centroids.detach())
 
 
 class PQAwareTrainingCallback(TrainerCallback):
-    """Refreshes the codebooks of a model prepared by `prepare_pq_aware_training` every `refresh_steps` optimizer
-    steps (and, with `pull` > 0, moves the dense rows that fraction of the way to their quantized rows: without it a
-    row whose gradient never changes its code drifts away from it, since its quantized value gives no feedback), and appends to the log history each epoch the mean fraction of words whose codes changed and the relative
+    """Re-assigns the codes of a model prepared by `prepare_pq_aware_training` every `refresh_steps` optimizer
+    steps (`FakeProductQuantize.refresh`; `pull` < 1 keeps part of the dense rows' own path between refreshes), and appends to the log history each epoch the mean fraction of words whose codes changed and the relative
     reconstruction error (`pq_codes_changed`, `pq_relative_error`)."""
 
-    def __init__(self, refresh_steps: int = 10, pull: float = 0.0) -> None:
+    def __init__(self, refresh_steps: int = 10, pull: float = 1.0) -> None:
         if isinstance(refresh_steps, bool) or not isinstance(refresh_steps, int) or refresh_steps < 1:
             raise ValueError(f"refresh_steps must be a positive integer, got {refresh_steps!r}")
         if not 0.0 <= pull <= 1.0:

@@ -27,7 +27,6 @@ from transformers import (
     GPT2Config,
     HfArgumentParser,
     LlamaConfig,
-    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -109,19 +108,20 @@ class CompressionArguments:
     )
     pq_aware_epochs: float = field(
         default=0.0,
-        metadata={"help": "basis: the last N epochs of the dense warm-up (<= --dense_warmup_epochs) train the layers "
-                          "in --basis_modules against their product quantization (hf_basis.prepare_pq_aware_training:"
-                          " the forward uses the quantized rows, the gradient steps the dense ones, codes and "
-                          "centroids follow by a k-means step every --pq_refresh_steps steps); the conversion keeps "
-                          "that codebook, so it changes nothing"},
+        metadata={"help": "basis: the last N epochs of the dense warm-up (<= --dense_warmup_epochs) are a phase of "
+                          "PQ-aware training of the layers in --basis_modules (hf_basis.prepare_pq_aware_training: "
+                          "they compute with their product quantization, the centroids train, and every "
+                          "--pq_refresh_steps steps each word takes the codes nearest to its dense row, which keeps "
+                          "its own gradient); the conversion keeps that codebook, so it changes nothing"},
     )
     pq_refresh_steps: int = field(
         default=10, metadata={"help": "with --pq_aware_epochs: optimizer steps between two codebook refreshes"}
     )
     pq_pull: float = field(
-        default=0.0,
+        default=1.0,
         metadata={"help": "with --pq_aware_epochs: at each refresh move the dense rows this fraction (0..1) of the way "
-                          "to their quantized rows (1: projected gradient descent onto the codebook)"},
+                          "back to their decoded rows (1: only the gradient steps since the last refresh decide a "
+                          "change of codes)"},
     )
     compression_seed: int = 0
     pq_weighting: str = field(
@@ -285,27 +285,6 @@ def _datasets(model_args, data_args, training_args, streams):
     return tuple(BlockDataset(streams[split], data_args.bptt) for split in ("train", "validation", "test"))
 
 
-class StartPQAwareTraining(TrainerCallback):
-    """--pq_aware_epochs: prepares the model for PQ-aware training at the first step past `start_epoch` of the dense
-    phase (the optimizer keeps its state: the dense weights stay the same Parameters)."""
-
-    def __init__(self, start_epoch: float, comp_args: CompressionArguments, token_counts: torch.Tensor | None) -> None:
-        self.start_epoch, self.comp_args, self.token_counts, self.started = start_epoch, comp_args, token_counts, False
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.started or (state.epoch or 0.0) < self.start_epoch - 1e-6:
-            return
-        c = self.comp_args
-        hf_basis.prepare_pq_aware_training(
-            model, c.num_basis, c.num_clusters, modules=c.basis_modules, seed=c.compression_seed,
-            token_frequencies=self.token_counts,
-        )
-        self.started = True
-        print(f"[hf_basis] epoch {state.epoch:g}: PQ-aware training of the {c.basis_modules} layer(s) "
-              f"({c.num_basis} x {c.num_clusters}, codebook refreshed every {c.pq_refresh_steps} steps)",
-              file=sys.stderr, flush=True)
-
-
 def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None, callbacks=()):
     """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer."""
     cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
@@ -339,17 +318,26 @@ class Phase:
 
 def _phases(comp_args: CompressionArguments, total_epochs: float, max_steps: int) -> list[Phase]:
     """The run's phases. --num_train_epochs and --max_steps are the whole run's; --dense_warmup_epochs takes its
-    share of either (dense_warmup_epochs / num_train_epochs of --max_steps), the phase after the switch the rest."""
+    share of either (dense_warmup_epochs / num_train_epochs of --max_steps), the phase after the switch the rest;
+    --pq_aware_epochs are the last of the warm-up's epochs, a phase of their own."""
     if comp_args.compression != "none":
         after = comp_args.compression
     else:  # dense; with --basis_optimizer adam its layers in --basis_modules take Adam steps after the switch
         after = "dense-tuned" if comp_args.basis_optimizer == "adam" else "dense"
     if not comp_args.dense_warmup_epochs:
         return [Phase(after, total_epochs, max_steps, after != "dense")]
-    warmup = comp_args.dense_warmup_epochs
-    warmup_steps = round(max_steps * warmup / total_epochs) if max_steps > 0 else -1
+    warmup, pq_aware = comp_args.dense_warmup_epochs, comp_args.pq_aware_epochs
+
+    def steps(epochs):
+        return round(max_steps * epochs / total_epochs) if max_steps > 0 else -1
+
+    warmup_steps = steps(warmup)
     rest_steps = max_steps - warmup_steps if max_steps > 0 else -1
-    return [Phase("dense", warmup, warmup_steps, False), Phase(after, total_epochs - warmup, rest_steps, True)]
+    phases = [Phase("dense", warmup - pq_aware, steps(warmup - pq_aware), False)] if warmup > pq_aware else []
+    if pq_aware:
+        pq_steps = warmup_steps - steps(warmup - pq_aware) if max_steps > 0 else -1
+        phases.append(Phase("pq-aware", pq_aware, pq_steps, False))
+    return phases + [Phase(after, total_epochs - warmup, rest_steps, True)]
 
 
 def _convert(model, comp_args: CompressionArguments, train_dataset, token_counts: torch.Tensor | None = None) -> None:
@@ -390,6 +378,12 @@ def _learning_rate_after_switch(trainer, comp_args: CompressionArguments, traini
     (--continue_learning_rate), else --compressed_learning_rate or --learning_rate."""
     if comp_args.compressed_learning_rate is not None:
         return comp_args.compressed_learning_rate
+    return _continued_learning_rate(trainer, comp_args, training_args)
+
+
+def _continued_learning_rate(trainer, comp_args: CompressionArguments, training_args: TrainingArguments) -> float:
+    """Where the previous phase's reduce_lr_on_plateau left the learning rate (--continue_learning_rate), else
+    --learning_rate."""
     if (comp_args.continue_learning_rate and trainer is not None and trainer.optimizer is not None
             and training_args.lr_scheduler_type == "reduce_lr_on_plateau"):
         return trainer.optimizer.param_groups[0]["lr"]
@@ -460,6 +454,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
             args.num_train_epochs, args.max_steps = phase.epochs, phase.max_steps
             if phase.after_switch:
                 args.learning_rate = _learning_rate_after_switch(trainer, comp_args, training_args)
+            elif phase.name == "pq-aware":  # the dense training goes on, against the codebook
+                args.learning_rate = _continued_learning_rate(trainer, comp_args, training_args)
             if len(phases) > 1 and training_args.save_strategy != "no":  # checkpoints of each phase apart
                 args.output_dir = os.path.join(training_args.output_dir, f"phase-{phase.name}")
             if phase.after_switch and trainer is not None:
@@ -468,10 +464,12 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
             if phase.after_switch and comp_args.compression != "none":
                 _convert(model, comp_args, datasets[0], token_counts)
             callbacks = []
-            if comp_args.pq_aware_epochs and not phase.after_switch:
-                start = comp_args.dense_warmup_epochs - comp_args.pq_aware_epochs
-                callbacks = [StartPQAwareTraining(start, comp_args, token_counts),
-                             hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps, comp_args.pq_pull)]
+            if phase.name == "pq-aware":
+                hf_basis.prepare_pq_aware_training(
+                    model, comp_args.num_basis, comp_args.num_clusters, modules=comp_args.basis_modules,
+                    seed=comp_args.compression_seed, token_frequencies=token_counts,
+                )
+                callbacks = [hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps, comp_args.pq_pull)]
             with _tensorboard_run(args, phase.name if len(phases) > 1 else None):
                 trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
                                    comp_args if phase.after_switch else None, callbacks)

@@ -30,11 +30,11 @@ branch() { local name=$1 src=$2 b=$3; shift 3
     echo "exit $?" >> $R/$name.log ) & }
 run dense recipes/configs/ptb_dense.yaml --save_strategy epoch
 B10=$((10 * E / 40)); B20=$((20 * E / 40)); B30=$((30 * E / 40))
-branch out_8x384_pqa10_pull0.5 dense $B10 $OUT --pq_pull 0.5
+branch out_8x384_pqa10 dense $B10 $OUT
+branch out_8x384_pqa20 dense $B20 $OUT
+branch out_8x384_pqa30 dense $B30 $OUT
 branch out_8x384_pqa20_pull0.5 dense $B20 $OUT --pq_pull 0.5
-branch out_8x384_pqa30_pull0.5 dense $B30 $OUT --pq_pull 0.5
-branch out_8x384_pqa20_pull0 dense $B20 $OUT --pq_pull 0
-branch out_8x384_pqa20_pull1 dense $B20 $OUT --pq_pull 1
-branch both_8x400_pqa10_pull0.5 dense $B10 $BOTH --pq_pull 0.5
-branch both_8x400_pqa20_pull0.5 dense $B20 $BOTH --pq_pull 0.5
+branch out_8x384_pqa20_r100 dense $B20 $OUT --pq_refresh_steps 100
+branch both_8x400_pqa10 dense $B10 $BOTH
+branch both_8x400_pqa20 dense $B20 $BOTH
 wait

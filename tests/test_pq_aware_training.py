@@ -8,7 +8,6 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import hf_basis
-from hf_basis.compress.pq import product_quantize
 from hf_basis.models.lstm import LSTMLMConfig, LSTMLMForCausalLM
 from hf_basis.pq_aware_training import FakeProductQuantize, fake_quantizers
 
@@ -27,14 +26,15 @@ def _decoded(codes, centroids):
                         for w in range(codes.shape[0])])
 
 
-def test_forward_is_the_quantized_weight_and_the_gradient_goes_straight_to_the_dense_weight():
+def test_forward_is_the_quantized_weight_and_gradients_reach_centroids_and_dense_rows():
     model = _model()
     ids = torch.randint(0, V, (3, 7))
     hf_basis.prepare_pq_aware_training(model, B, K, modules="both")
     (emb, q_emb), (head, q_head) = fake_quantizers(model)
     assert emb is model.get_input_embeddings() and head is model.get_output_embeddings()
 
-    # Reference: the same model with plain layers holding the decoded matrices.
+    # Reference: the same model with plain layers holding the decoded matrices, and converted layers with the same
+    # codebooks (the centroids' gradient of a BasisLinear / BasisEmbedding).
     reference = _model()
     with torch.no_grad():
         reference.load_state_dict({k: v for k, v in model.state_dict().items() if "parametrizations" not in k},
@@ -45,36 +45,37 @@ def test_forward_is_the_quantized_weight_and_the_gradient_goes_straight_to_the_d
     torch.testing.assert_close(out.logits, ref.logits)
     out.loss.backward()
     ref.loss.backward()
+    # The dense rows get exactly the gradient of the decoded matrix (straight through) ...
     torch.testing.assert_close(emb.parametrizations.weight.original.grad, reference.encoder.weight.grad)
     torch.testing.assert_close(head.parametrizations.weight.original.grad, reference.lm_head.weight.grad)
-    assert q_head.centroids.grad is None  # the codebook follows the weights by k-means, not by gradient
+    # ... and each centroid the sum of the gradients of the rows' sub-vectors that use it.
+    for quantizer, grad in ((q_emb, reference.encoder.weight.grad), (q_head, reference.lm_head.weight.grad)):
+        expected = torch.zeros_like(quantizer.centroids)
+        sub = grad.view(V, B, H // B)
+        for w in range(V):
+            for b in range(B):
+                expected[b, quantizer.codes[w, b]] += sub[w, b]
+        torch.testing.assert_close(quantizer.centroids.grad, expected)
 
 
-def test_refresh_is_one_weighted_lloyd_step_from_the_current_codebook():
+def test_refresh_gives_each_row_its_nearest_codes_and_pulls_the_dense_rows_back():
     torch.manual_seed(1)
     W = torch.randn(V, H)
-    freq = torch.rand(V) + 0.1
-    quantizer = FakeProductQuantize(W, B, K, sample_weight=freq)
-    old = quantizer.centroids.clone()
-    W2 = W + 0.3 * torch.randn(V, H)
-    changed = quantizer.refresh(W2)
-
-    # By hand: assign every sub-vector to its nearest old centroid, move each centroid to the weighted mean of its
-    # sub-vectors, assign again.
-    d = H // B
-    X = W2.view(V, B, d)
-    assign = torch.stack([torch.cdist(X[:, b], old[b]).argmin(1) for b in range(B)], 1)  # (V, B)
-    new = old.clone()
-    for b in range(B):
-        for k in range(K):
-            members = assign[:, b] == k
-            if members.any():
-                new[b, k] = (freq[members, None] * X[members, b]).sum(0) / freq[members].sum()
-    codes = torch.stack([torch.cdist(X[:, b], new[b]).argmin(1) for b in range(B)], 1)
-    torch.testing.assert_close(quantizer.centroids, new)
+    quantizer = FakeProductQuantize(W, B, K, sample_weight=torch.rand(V) + 0.1)
+    before = quantizer.codes.clone()
+    centroids = quantizer.centroids.detach().clone()
+    moved = W + 0.5 * torch.randn(V, H)
+    dense = moved.clone()
+    changed = quantizer.refresh(dense, pull=0.25)
+    X = moved.view(V, B, H // B)
+    codes = torch.stack([torch.cdist(X[:, b], centroids[b]).argmin(1) for b in range(B)], 1)  # by hand
     assert torch.equal(quantizer.codes, codes)
-    before = product_quantize(W, B, K, sample_weight=freq).codes.long()
-    assert changed == pytest.approx(float((codes != before).any(1).float().mean()))
+    torch.testing.assert_close(quantizer.centroids.detach(), centroids)  # the centroids only train
+    assert changed == pytest.approx(float((codes != before).any(1).float().mean())) and changed > 0
+    torch.testing.assert_close(dense, moved + 0.25 * (_decoded(codes, centroids) - moved))
+    untouched = moved.clone()
+    FakeProductQuantize(W, B, K).refresh(untouched, pull=0.0)
+    assert torch.equal(untouched, moved)
 
 
 def test_convert_keeps_the_trained_codebook_exactly():
@@ -130,34 +131,6 @@ def test_callback_refreshes_every_n_steps_and_logs_each_epoch(monkeypatch):
     state.epoch = 1.0
     callback.on_epoch_end(args, state, control, model=model)
     assert state.log_history[-1]["pq_codes_changed"] == 0.25 and "pq_relative_error" in state.log_history[-1]
-
-
-def test_pull_moves_the_dense_rows_toward_their_new_quantized_rows():
-    torch.manual_seed(3)
-    W = torch.randn(V, H)
-    quantizer = FakeProductQuantize(W, B, K)
-    moved = W + 0.2 * torch.randn(V, H)
-    dense = moved.clone()
-    quantizer.refresh(dense, pull=0.25)
-    target = _decoded(quantizer.codes, quantizer.centroids)  # the codebook after this refresh
-    torch.testing.assert_close(dense, moved + 0.25 * (target - moved))
-    untouched = moved.clone()
-    FakeProductQuantize(W, B, K).refresh(untouched)
-    assert torch.equal(untouched, moved)  # pull=0 (default): the dense rows are left alone
-
-
-def test_product_quantize_from_given_centroids():
-    torch.manual_seed(2)
-    W = torch.randn(V, H)
-    start = torch.randn(B, K, H // B)
-    result = product_quantize(W, B, K, init_centroids=start, max_iter=0)
-    torch.testing.assert_close(result.centroids, start)
-    X = W.view(V, B, H // B)
-    assert torch.equal(result.codes.long(), torch.stack([torch.cdist(X[:, b], start[b]).argmin(1) for b in range(B)], 1))
-    with pytest.raises(ValueError, match="init_centroids must have shape"):
-        product_quantize(W, B, K, init_centroids=start[:, :3])
-    with pytest.raises(ValueError, match="NaN"):
-        product_quantize(W, B, K, init_centroids=torch.full_like(start, float("nan")))
 
 
 def test_embedding_and_linear_types_are_required():

@@ -135,7 +135,6 @@ def product_quantize(
     tol: float = 1e-4,
     sample_weight: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
-    init_centroids: torch.Tensor | None = None,
 ) -> PQResult:
     """Product-quantize a (V, D) matrix: k-means with `num_clusters` centroids in each of `num_basis` sub-spaces.
 
@@ -155,9 +154,6 @@ def product_quantize(
             None (default): every row weighs the same.
         progress: optional callback, called after each Lloyd iteration with (iterations done, expected total): the
             total is max_iter until the iterations converge, then the number done (for a progress bar).
-        init_centroids: optional (B, K, d) codebook to start Lloyd's iterations from instead of k-means++ (then
-            `seed` is unused): with a small `max_iter` this updates an earlier result for a weight that has moved
-            since (`hf_basis.pq_aware_training` does one iteration every few optimizer steps).
 
     Returns:
         PQResult with codes (V, B) in `code_dtype(K)`, centroids (B, K, d) float32 (float64 for a float64 weight) and
@@ -173,32 +169,26 @@ def product_quantize(
         # (V, D) -> (V, B, d) -> (B, V, d): each sub-space's sub-vectors contiguous, so per-sub-space matmuls are bmm.
         X = weight.detach().to(_work_dtype(weight.dtype)).reshape(V, B, d).permute(1, 0, 2).contiguous()  # (B, V, d)
 
-        if init_centroids is not None:
-            centroids = _check_init_centroids(init_centroids, B, K, d).to(device, X.dtype)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+        # k-means++ on a random subsample of rows (see _INIT_ROWS_PER_CLUSTER).
+        num_init_rows = min(V, _INIT_ROWS_PER_CLUSTER * K)
+        if num_init_rows == V:
+            X_init, w_init = X, weights
+        elif weights is None:
+            X_init, w_init = X[:, torch.randperm(V, generator=generator, device=device)[:num_init_rows]], None
         else:
-            centroids = _seed_centroids(X, K, weights, seed)  # (B, K, d)
+            rows, w_init = _weighted_draws(weights, num_init_rows, generator)  # (S',), (S',) with S' <= S
+            X_init = X[:, rows]  # (B, S', d)
+        centroids = _kmeans_pp_init(X_init, K, generator, w_init)  # (B, K, d)
+        del X_init, w_init
 
         centroids, assign, _, iterations = _lloyd(X, centroids, max_iter, tol, weights, progress)  # (B,K,d), (B,V)
 
         relative_error = _relative_error(X, centroids, assign)
         codes = assign.t().to(code_dtype(K)).contiguous()  # (V, B)
     return PQResult(codes=codes, centroids=centroids, relative_error=relative_error, iterations=iterations)
-
-
-def _seed_centroids(X: torch.Tensor, K: int, weights: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """k-means++ on a random subsample of the rows (see _INIT_ROWS_PER_CLUSTER): X (B, V, d) -> (B, K, d)."""
-    V = X.shape[1]
-    generator = torch.Generator(device=X.device)
-    generator.manual_seed(seed)
-    num_init_rows = min(V, _INIT_ROWS_PER_CLUSTER * K)
-    if num_init_rows == V:
-        X_init, w_init = X, weights
-    elif weights is None:
-        X_init, w_init = X[:, torch.randperm(V, generator=generator, device=X.device)[:num_init_rows]], None
-    else:
-        rows, w_init = _weighted_draws(weights, num_init_rows, generator)  # (S',), (S',) with S' <= S
-        X_init = X[:, rows]  # (B, S', d)
-    return _kmeans_pp_init(X_init, K, generator, w_init)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,17 +228,6 @@ def _check_args(weight: torch.Tensor, num_basis: int, num_clusters: int, max_ite
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or infinite values; k-means needs finite values")
     return V, D, B, K
-
-
-def _check_init_centroids(init_centroids: object, B: int, K: int, d: int) -> torch.Tensor:
-    if not isinstance(init_centroids, torch.Tensor) or not init_centroids.is_floating_point():
-        raise TypeError("init_centroids must be a floating-point tensor (num_basis, num_clusters, sub_dim)")
-    if tuple(init_centroids.shape) != (B, K, d):
-        raise ValueError(f"init_centroids must have shape ({B}, {K}, {d}) (num_basis, num_clusters, sub_dim), "
-                         f"got {tuple(init_centroids.shape)}")
-    if not bool(torch.isfinite(init_centroids).all()):
-        raise ValueError("init_centroids contains NaN or infinite values")
-    return init_centroids.detach()
 
 
 def _check_sample_weight(sample_weight: object, V: int, device: torch.device) -> torch.Tensor | None:
