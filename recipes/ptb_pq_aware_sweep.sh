@@ -16,8 +16,11 @@ run() { local name=$1; shift
   ( python3 recipes/train_ptb.py "$@" $COMMON --num_train_epochs $E --output_dir $R/$name --cache_dir $R/cache_$name \
       > $R/$name.log 2>&1
     echo "exit $?" >> $R/$name.log ) & }
-# branch NAME SOURCE EPOCH CONFIG [flags]: PQ-aware from the SOURCE run's epoch-EPOCH checkpoint to the switch.
+# branch NAME SOURCE EPOCH CONFIG [flags]: PQ-aware from the SOURCE run's epoch-EPOCH checkpoint to the switch
+# (PLAIN=1 branch ...: the control, converted right away at EPOCH, without PQ-aware training).
 branch() { local name=$1 src=$2 b=$3; shift 3
+  local schedule="--dense_warmup_epochs $((S - b)) --pq_aware_epochs $((S - b))"
+  [ "${PLAIN:-0}" = 1 ] && schedule="--dense_warmup_epochs 0"
   ( until first=$(ls -d $R/$src/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | head -1) && [ -n "$first" ] \
         && [ -f $R/$src/checkpoint-$first/trainer_state.json ]; do sleep 10; done
     c=$R/$src/checkpoint-$((b * first))
@@ -25,7 +28,7 @@ branch() { local name=$1 src=$2 b=$3; shift 3
     lr=$(python3 -c "import torch; print(torch.load('$c/optimizer.pt', weights_only=False)['param_groups'][0]['lr'])")
     echo "branch from $c (epoch $b) at lr $lr" > $R/$name.log
     python3 recipes/train_ptb.py "$@" $COMMON --init_from $c --learning_rate $lr --num_train_epochs $((E - b)) \
-        --dense_warmup_epochs $((S - b)) --pq_aware_epochs $((S - b)) $PQA --output_dir $R/$name \
+        $schedule $PQA --output_dir $R/$name \
         --cache_dir $R/cache_$name >> $R/$name.log 2>&1
     echo "exit $?" >> $R/$name.log ) & }
 run dense recipes/configs/ptb_dense.yaml --save_strategy epoch
@@ -33,8 +36,7 @@ B10=$((10 * E / 40)); B20=$((20 * E / 40)); B30=$((30 * E / 40))
 branch out_8x384_pqa10 dense $B10 $OUT
 branch out_8x384_pqa20 dense $B20 $OUT
 branch out_8x384_pqa30 dense $B30 $OUT
-branch out_8x384_pqa20_pull0.5 dense $B20 $OUT --pq_pull 0.5
-branch out_8x384_pqa20_r100 dense $B20 $OUT --pq_refresh_steps 100
+PLAIN=1 branch out_8x384_convert20 dense $B20 $OUT
 branch both_8x400_pqa10 dense $B10 $BOTH
 branch both_8x400_pqa20 dense $B20 $BOTH
 wait
