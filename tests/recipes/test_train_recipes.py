@@ -70,7 +70,7 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
         parse_args([str(bad)], train_ptb.PTB_DEFAULTS)
     with pytest.raises(SystemExit):
         parse_args(["--dense_warmup_epochs", "2", "--num_train_epochs", "2", "--compression", "basis"], {})
-    assert comp_args.pq_weighting == "uniform"
+    assert comp_args.pq_weighting == "frequency" and comp_args.pq_aware_epochs == 28  # the shipped schedule
     with pytest.raises(SystemExit):
         parse_args(["--pq_weighting", "zipf", "--compression", "basis"], {})
     with pytest.raises(SystemExit):
@@ -129,7 +129,8 @@ def test_ptb_recipe_dense_then_basis(tiny_corpus, tmp_path, monkeypatch):
     out = tmp_path / "basis"
     results = train_ptb.main(
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
-         "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--num_basis", "4",
+         "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--pq_aware_epochs", "0",
+         "--pq_weighting", "uniform", "--num_basis", "4",
          "--num_clusters", "8", "--per_device_train_batch_size", "4", "--basis_optimizer", "adam",
          "--basis_learning_rate", "0.01"],
         train_ptb.PTB_DEFAULTS,
@@ -164,7 +165,8 @@ def test_ptb_recipe_frequency_weighted_activation_aware_basis(tiny_corpus, tmp_p
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
          "--output_dir", str(tmp_path / "freq"), "--num_train_epochs", "1", "--num_basis", "4",
          "--num_clusters", "8", "--per_device_train_batch_size", "4", "--pq_weighting", "frequency",
-         "--dense_warmup_epochs", "0", "--pq_calibration_batches", "3", "--emsize", "16", "--nhid", "16"],
+         "--dense_warmup_epochs", "0", "--pq_aware_epochs", "0", "--pq_calibration_batches", "3", "--emsize", "16",
+         "--nhid", "16"],
         train_ptb.PTB_DEFAULTS,
     )
     counts = seen["token_frequencies"]
@@ -256,7 +258,8 @@ def test_max_steps_is_the_whole_run_and_the_switch_is_logged(tiny_corpus, tmp_pa
     out = tmp_path / "steps"
     results = train_ptb.main(
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
-         "--output_dir", str(out), "--num_train_epochs", "4", "--dense_warmup_epochs", "1", "--max_steps", "12",
+         "--output_dir", str(out), "--num_train_epochs", "4", "--dense_warmup_epochs", "1", "--pq_aware_epochs", "0",
+         "--max_steps", "12",
          "--num_basis", "4", "--num_clusters", "8", "--per_device_train_batch_size", "4"],
         train_ptb.PTB_DEFAULTS,
     )
@@ -341,7 +344,8 @@ def test_report_to_tensorboard_writes_one_run_per_phase(tiny_corpus, tmp_path):
     out = tmp_path / "tb"
     train_ptb.main(
         [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
-         "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--num_basis", "4",
+         "--output_dir", str(out), "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--pq_aware_epochs", "0",
+         "--pq_weighting", "uniform", "--num_basis", "4",
          "--num_clusters", "8", "--per_device_train_batch_size", "4", "--report_to", "tensorboard"],
         train_ptb.PTB_DEFAULTS,
     )
