@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_basis.integrations.config import METHODS
+from hf_basis.integrations.config import LAYER_CHOICES, METHODS
 from hf_basis.integrations.fused_loss import install_fused_loss
 from hf_basis.integrations.model_methods import install_model_methods
 from hf_basis.integrations.record import (
@@ -34,8 +34,6 @@ from hf_basis.pq_aware_training import trained_codebook
 from hf_basis.progress import iteration_callback, progress_bar
 
 __all__ = ["convert", "quantize_embed"]
-
-MODULE_CHOICES = ("both", "input", "output")  # what convert() takes; the record also knows quantize_embed's
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +150,7 @@ def convert(
     Tied input/output embeddings stay tied: both modules share one Codebook (or QuantizedTable).
     """
     check_choice(method, "method", METHODS)
-    check_choice(modules, "modules", MODULE_CHOICES)
+    check_choice(modules, "modules", LAYER_CHOICES)
     check_seed(seed)
     check_bool(stochastic_round, "stochastic_round")
     for accessor in ("get_input_embeddings", "get_output_embeddings"):

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 from transformers import TrainerCallback
 
 from hf_basis.compress.pq import encode, product_quantize, reconstruct, relative_error
+from hf_basis.integrations.config import LAYER_CHOICES
 from hf_basis.modules.codebook import Codebook
 from hf_basis.validation import as_row_weights, check_basis_shape, check_choice, check_seed
 
@@ -45,8 +46,6 @@ __all__ = [
     "prepare_pq_aware_training",
     "trained_codebook",
 ]
-
-MODULE_CHOICES = ("both", "input", "output")
 
 
 class FakeProductQuantize(nn.Module):
@@ -107,7 +106,7 @@ def prepare_pq_aware_training(
     In place; returns the model. The arguments are `hf_basis.convert`'s: pass the same ones to convert afterwards.
     token_frequencies: (V,) counts weighting the k-means (and every refresh), as in `convert`.
     """
-    check_choice(modules, "modules", MODULE_CHOICES)
+    check_choice(modules, "modules", LAYER_CHOICES)
     check_seed(seed)
     layers = _layers(model, modules)
     if len(layers) != (2 if modules == "both" else 1):

@@ -333,10 +333,11 @@ def _phases(comp_args: CompressionArguments, total_epochs: float, max_steps: int
 
     warmup_steps = steps(warmup)
     rest_steps = max_steps - warmup_steps if max_steps > 0 else -1
-    phases = [Phase("dense", warmup - pq_aware, steps(warmup - pq_aware), False)] if warmup > pq_aware else []
+    dense_epochs = warmup - pq_aware
+    dense_steps = steps(dense_epochs)
+    phases = [Phase("dense", dense_epochs, dense_steps, False)] if dense_epochs > 0 else []
     if pq_aware:
-        pq_steps = warmup_steps - steps(warmup - pq_aware) if max_steps > 0 else -1
-        phases.append(Phase("pq-aware", pq_aware, pq_steps, False))
+        phases.append(Phase("pq-aware", pq_aware, warmup_steps - dense_steps if max_steps > 0 else -1, False))
     return phases + [Phase(after, total_epochs - warmup, rest_steps, True)]
 
 

@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 
 METHODS = ("basis", "quant")
 # "embeddings": every plain nn.Embedding of the model, as `hf_basis.quantize_embed` compresses them (method="quant").
-MODULE_CHOICES = ("both", "input", "output", "embeddings")
+LAYER_CHOICES = ("both", "input", "output")  # the layers convert() / PQ-aware training take
+MODULE_CHOICES = (*LAYER_CHOICES, "embeddings")  # the record also knows quantize_embed's
 KINDS = {
     # method -> role -> module class name ("embedding": an nn.Embedding other than the input one, quantize_embed)
     "basis": {"input": "BasisEmbedding", "output": "BasisLinear"},
