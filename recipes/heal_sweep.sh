@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 20's healing measurements, for one GPU (run from the repo root; ~15 min on an H100 beside other jobs, every
+# Issue 20's healing measurements, for one GPU (run from the repo root; 6 min on an H100 beside four LSTM runs, every
 # run bounded by a time limit). Logs, checkpoints and results.json in runs/heal/; at the end the results.json files
 # under the names they get in recipes/results/, and a Markdown summary, in runs/heal/results/.
 #   1. a GPT-2-style LM trained dense on PTB (recipes/configs/ptb_gpt2.yaml; stopped cleanly, evaluated and saved

@@ -70,7 +70,8 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
         parse_args([str(bad)], train_ptb.PTB_DEFAULTS)
     with pytest.raises(SystemExit):
         parse_args(["--dense_warmup_epochs", "2", "--num_train_epochs", "2", "--compression", "basis"], {})
-    assert comp_args.pq_weighting == "frequency" and comp_args.pq_aware_epochs == 28  # the shipped schedule
+    assert comp_args.pq_weighting == "frequency" and comp_args.dense_warmup_epochs == 10  # the shipped schedule
+    assert comp_args.pq_aware_epochs == 0 and comp_args.continue_learning_rate
     with pytest.raises(SystemExit):
         parse_args(["--pq_weighting", "zipf", "--compression", "basis"], {})
     with pytest.raises(SystemExit):
