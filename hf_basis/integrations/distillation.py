@@ -20,6 +20,10 @@ Objectives (`distill_on`):
                         1 - cosine of the mean-pooled last hidden states over the non-padded tokens (the sentence
                         embedding sentence-transformers computes); "token_cosine": the same per token, averaged.
 
+`logits_distillation_loss` is that logits KL for a training loop of one's own that runs the student's ordinary
+forward (its label loss, a stateful model's recurrent state) and adds the term: the PTB / WikiText recipes'
+`--distill_from`.
+
 Row distillation (basis input embeddings): the teacher's input embedding table is the best target for the codebook's
 rows. Before training (`refit_codes=True`) the embedding's codes and centroids are re-fitted to the teacher's rows by
 k-means weighted by how often each token occurs in `train_dataset`, the minimiser of the frequency-weighted row
@@ -43,10 +47,12 @@ from transformers import Trainer
 from hf_basis.modules.basis_embedding import BasisEmbedding
 from hf_basis.modules.basis_linear import BasisLinear
 from hf_basis.modules.codebook import Codebook
+from hf_basis.modules.lazy_logits import fused_head_inputs
 from hf_basis.ops.basis_cross_entropy import basis_cross_entropy
 from hf_basis.ops.basis_kl_divergence import basis_kl_divergence
+from hf_basis.ops.logits_kl_divergence import logits_kl_divergence
 
-__all__ = ["DistillationTrainer", "refit_embedding_codes", "token_counts"]
+__all__ = ["DistillationTrainer", "logits_distillation_loss", "refit_embedding_codes", "token_counts"]
 
 DISTILL_ON = ("logits", "last_hidden_state")
 TRAIN_CHOICES = ("compressed", "all")
@@ -90,16 +96,39 @@ def _dense_logits_kl(hidden, head, teacher_hidden, teacher_head, mask, tau):
     step = max(1, _DENSE_CHUNK_ELEMENTS // V)
 
     def chunk_kl(h, th, m):
-        log_q = F.log_softmax(head(h).float() / tau, dim=-1)
         with torch.no_grad():
-            log_p = F.log_softmax(teacher_head(th).float() / tau, dim=-1)
-        return (tau * tau) * (F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * m).sum()
+            teacher_logits = teacher_head(th)
+        return logits_kl_divergence(head(h), teacher_logits, m, tau, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for t0 in range(0, T, step):
         sl = slice(t0, min(T, t0 + step))
-        total = total + checkpoint(chunk_kl, hidden[sl], teacher_hidden[sl], mask[sl].float(), use_reentrant=False)
+        total = total + checkpoint(chunk_kl, hidden[sl], teacher_hidden[sl], mask[sl].bool(), use_reentrant=False)
     return total
+
+
+def logits_distillation_loss(logits: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: nn.Module,
+                             mask: torch.Tensor | None = None, temperature: float = 1.0,
+                             reduction: str = "mean") -> torch.Tensor:
+    """tau^2 KL(teacher || student) of the output distributions, from the student's logits as its forward returned
+    them and the activations `teacher_hidden` (..., Ht) that entered the teacher's dense output layer `teacher_head`.
+
+    For a training loop that runs the student's ordinary forward (with labels: its own label loss, and for a stateful
+    model its recurrent state) and adds the distillation term. A LazyLogits of an armed basis head (training mode,
+    labels passed: hf_basis.integrations.fused_loss) is computed by the fused `basis_kl_divergence` from the head's
+    inputs, so neither side's T x V logits are built; real logits (a dense head, or basis logits already
+    materialised) by `logits_kl_divergence`, the teacher's logits computed here from `teacher_hidden`.
+    `mask` (...) bool: the positions that count; reduction "mean" (over them) or "sum". fp32 scalar.
+    """
+    inputs = fused_head_inputs(logits)
+    teacher_hidden = teacher_hidden.detach()
+    if inputs is not None and inputs[4] is None:  # (hidden, centroids, codes, bias, softcap): no soft-capping
+        hidden, centroids, codes, bias, _ = inputs
+        return basis_kl_divergence(hidden, centroids, codes, bias, teacher_hidden, teacher_head.weight,
+                                   teacher_head.bias, mask, temperature, reduction)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
+    return logits_kl_divergence(logits, teacher_logits, mask, temperature, reduction)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
