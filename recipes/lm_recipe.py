@@ -44,6 +44,7 @@ from lm_trainer import (
     PerplexityMetric,
     StopOnInterrupt,
     basis_optimizer_error,
+    distillation_error,
     token_nll,
 )
 
@@ -53,6 +54,7 @@ ARCHITECTURES = ("lstm_lm", "gpt2", "llama")
 COMPRESSIONS = ("none", "basis", "quant")
 PQ_WEIGHTINGS = ("uniform", "frequency")
 BASIS_MODULES = ("both", "input", "output")
+DISTILL_PHASES = ("last", "all")
 
 
 @dataclass
@@ -151,6 +153,23 @@ class CompressionArguments:
     basis_learning_rate: float | None = field(
         default=None, metadata={"help": "Adam's step size for --basis_optimizer adam (PTB: 1e-2)"}
     )
+    # Knowledge distillation: how the phases train, like the optimizer settings above (and recorded with them).
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "distill from this trained dense model folder (same architecture and tokenizer, e.g. the "
+                          "output_dir of a ptb_dense.yaml run): the training loss of the phases in --distill_phases "
+                          "becomes A * tau^2 KL(teacher || student) + (1 - A) * cross-entropy on the labels "
+                          "(A = --distill_alpha, tau = --distill_temperature); evaluation stays the label perplexity"},
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "with --distill_from: the KL's weight, in [0, 1]"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "with --distill_from: tau > 0 of the KL"})
+    distill_phases: str = field(
+        default="last",
+        metadata={"help": f"with --distill_from: one of {DISTILL_PHASES}; last: the phase after --dense_warmup_epochs "
+                          "(the whole run without one), all: the dense warm-up and PQ-aware phases too. With "
+                          "--compression none and --dense_warmup_epochs N the dense model is distilled after N "
+                          "epochs: the equally tuned reference of a distilled compressed run"},
+    )
 
 
 def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
@@ -192,9 +211,22 @@ def parse_args(argv: list[str] | None = None, defaults: dict | None = None):
     if comp_args.basis_optimizer == "adam" and comp_args.compression == "quant":
         parser.error("--basis_optimizer adam needs --compression basis (or none: the dense reference with the same "
                      "treatment); quant layers do not train")
-    if comp_args.compression == "none" and comp_args.dense_warmup_epochs and comp_args.basis_optimizer != "adam":
+    if comp_args.distill_phases not in DISTILL_PHASES:
+        parser.error(f"--distill_phases must be one of {DISTILL_PHASES}")
+    error = distillation_error(comp_args.distill_alpha, comp_args.distill_temperature)
+    if error:
+        parser.error(f"--{error}")
+    if comp_args.distill_from is None:
+        unset = CompressionArguments()
+        if any(getattr(comp_args, name) != getattr(unset, name)
+               for name in ("distill_alpha", "distill_temperature", "distill_phases")):
+            parser.error("--distill_alpha, --distill_temperature and --distill_phases need --distill_from")
+    elif not os.path.isfile(os.path.join(comp_args.distill_from, "config.json")):
+        parser.error(f"--distill_from must be a saved model folder (with config.json), got {comp_args.distill_from}")
+    if (comp_args.compression == "none" and comp_args.dense_warmup_epochs and comp_args.basis_optimizer != "adam"
+            and comp_args.distill_from is None):
         parser.error("--dense_warmup_epochs needs --compression basis or quant (or, for the equally tuned dense "
-                     "reference, --compression none with --basis_optimizer adam)")
+                     "reference, --compression none with --basis_optimizer adam or --distill_from)")
     if comp_args.basis_modules not in BASIS_MODULES:
         parser.error(f"--basis_modules must be one of {BASIS_MODULES}")
     if comp_args.pq_aware_epochs < 0 or comp_args.pq_refresh_steps < 1 or not 0 <= comp_args.pq_pull <= 1:
@@ -256,6 +288,44 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, vocab_size
     return AutoModelForCausalLM.from_config(config)
 
 
+def load_teacher(comp_args: CompressionArguments, model: nn.Module, tokenizer) -> nn.Module | None:
+    """The --distill_from model, checked against the student before any training: the same model type (a stateful
+    LSTM needs a teacher whose state it can carry), a dense output layer and the same vocabulary, word for word where
+    the teacher's folder holds its tokenizer."""
+    if comp_args.distill_from is None:
+        return None
+    path = comp_args.distill_from
+    teacher = AutoModelForCausalLM.from_pretrained(path)
+    if teacher.config.model_type != model.config.model_type:
+        raise ValueError(f"--distill_from {path} is a {teacher.config.model_type} model, the student a "
+                         f"{model.config.model_type}: distill from the same architecture")
+    head = teacher.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"--distill_from {path} must be a dense model; its output layer is a {type(head).__name__}")
+    if head.out_features != len(tokenizer):
+        raise ValueError(f"--distill_from {path} predicts {head.out_features} words, the tokenizer has "
+                         f"{len(tokenizer)}: distill from a model trained with the same tokenizer")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--distill_from {path} was trained with another vocabulary (its tokenizer.json maps "
+                             "words to other ids): use the same corpus / --dict")
+    return teacher
+
+
+def _distillation_record(comp_args: CompressionArguments) -> dict | None:
+    """results.json's summary of the distillation: the teacher (and its own results, when it has them) and the loss."""
+    if comp_args.distill_from is None:
+        return None
+    teacher_results = os.path.join(comp_args.distill_from, "results.json")
+    teacher_test = None
+    if os.path.isfile(teacher_results):
+        with open(teacher_results, encoding="utf-8") as f:
+            teacher_test = json.load(f).get("test_perplexity")
+    return {"teacher": os.path.abspath(comp_args.distill_from), "teacher_test_perplexity": teacher_test,
+            "alpha": comp_args.distill_alpha, "temperature": comp_args.distill_temperature,
+            "phases": comp_args.distill_phases}
+
+
 def embedding_head_size(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes) of the input embedding and the output layer together: every parameter and buffer they
     hold (codes, centroids, packed values, bias...), shared tensors (tied weights, a shared codebook) counted once."""
@@ -285,10 +355,15 @@ def _datasets(model_args, data_args, training_args, streams):
     return tuple(BlockDataset(streams[split], data_args.bptt) for split in ("train", "validation", "test"))
 
 
-def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None, callbacks=()):
-    """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer."""
+def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp_args=None, callbacks=(),
+             teacher=None, distill_args=None):
+    """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer;
+    `teacher` (with `distill_args`: --distill_alpha and --distill_temperature) makes it distill."""
     cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
     return cls(
+        teacher=teacher,
+        distill_alpha=distill_args.distill_alpha if teacher is not None else 0.5,
+        distill_temperature=distill_args.distill_temperature if teacher is not None else 1.0,
         centroid_learning_rate=comp_args.centroid_learning_rate if comp_args else None,
         basis_optimizer=comp_args.basis_optimizer if comp_args else "same",
         basis_learning_rate=comp_args.basis_learning_rate if comp_args else None,
@@ -322,8 +397,12 @@ def _phases(comp_args: CompressionArguments, total_epochs: float, max_steps: int
     --pq_aware_epochs are the last of the warm-up's epochs, a phase of their own."""
     if comp_args.compression != "none":
         after = comp_args.compression
-    else:  # dense; with --basis_optimizer adam its layers in --basis_modules take Adam steps after the switch
-        after = "dense-tuned" if comp_args.basis_optimizer == "adam" else "dense"
+    elif comp_args.basis_optimizer == "adam":  # dense; its layers in --basis_modules take Adam steps after the switch
+        after = "dense-tuned"
+    elif comp_args.dense_warmup_epochs and comp_args.distill_from:  # dense, distilled after the switch
+        after = "dense-distilled"
+    else:
+        after = "dense"
     if not comp_args.dense_warmup_epochs:
         return [Phase(after, total_epochs, max_steps, after != "dense")]
     warmup, pq_aware = comp_args.dense_warmup_epochs, comp_args.pq_aware_epochs
@@ -438,6 +517,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
     )
 
     model = build_model(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
+    teacher = load_teacher(comp_args, model, tokenizer)
     params_before, bytes_before = embedding_head_size(model)
     use_cache = model.config.use_cache
     metric = PerplexityMetric()
@@ -471,9 +551,11 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
                     seed=comp_args.compression_seed, token_frequencies=token_counts,
                 )
                 callbacks = [hf_basis.PQAwareTrainingCallback(comp_args.pq_refresh_steps, comp_args.pq_pull)]
+            distill = teacher is not None and (comp_args.distill_phases == "all" or phase is phases[-1])
             with _tensorboard_run(args, phase.name if len(phases) > 1 else None):
                 trainer = _trainer(model, args, model_args, datasets, tokenizer, metric, stopper,
-                                   comp_args if phase.after_switch else None, callbacks)
+                                   comp_args if phase.after_switch else None, callbacks,
+                                   teacher if distill else None, comp_args)
             if switch is not None and "eval_perplexity_after" not in switch:
                 switch["eval_perplexity_after"] = trainer.evaluate()["eval_perplexity"]
                 switch["converted"] = _describe_conversion(model, comp_args)
@@ -524,6 +606,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
         "train_tokens_per_second": tokens / runtime if runtime else float("nan"),
         "epochs_trained": epochs_trained,
         "switch": switch,
+        "distillation": _distillation_record(comp_args),
         "interrupted": stopper.interrupted,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "world_size": training_args.world_size,

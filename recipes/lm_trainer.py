@@ -1,12 +1,14 @@
 """Trainer pieces for the language-modelling recipes.
 
-- `LMTrainer`: the HF Trainer, counting the tokens it trains on (for tokens/s), with optional centroid param groups.
+- `LMTrainer`: the HF Trainer, counting the tokens it trains on (for tokens/s), with optional centroid param groups
+  and optional knowledge distillation from a frozen dense teacher (training steps only; evaluation stays the label
+  perplexity).
 - `SGDWithAdamGroups`: SGD, except for the param groups marked `adam` (the basis layers' parameters), which take
   Adam steps decaying linearly to 0.
 - `BPTTTrainer`: truncated BPTT for a stateful model (the LSTM LM) with the Trainer's own loop, logging, progress
   bars, evaluation and checkpointing. Batches come from `BPTTBatches` in stream order through a plain DataLoader (no
   shuffling, no re-batching, no sharding by accelerate: under DDP each process already holds its own columns), and
-  the recurrent state returned by one window is detached and fed to the next.
+  the recurrent state returned by one window is detached and fed to the next (a teacher's state likewise).
 - `token_nll` / `PerplexityMetric`: exact corpus perplexity exp(total NLL / total tokens) from the evaluation loop,
   computed by the `evaluate` module shipped in hf_basis (the Trainer's eval_loss is a mean of batch means).
 - `StopOnInterrupt`: Ctrl-C finishes the current step and ends training normally (then the recipe evaluates and
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 
@@ -27,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 import hf_basis.metrics
 from hf_basis import BasisEmbedding, BasisLinear, Codebook
+from hf_basis.integrations.distillation import logits_distillation_loss
 from hf_basis.models.lstm import STATE_FIELD
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "SGDWithAdamGroups",
     "StopOnInterrupt",
     "basis_optimizer_error",
+    "distillation_error",
     "layer_parameters",
     "token_nll",
 ]
@@ -122,6 +127,15 @@ def basis_optimizer_error(basis_optimizer: str, basis_learning_rate: float | Non
     return None
 
 
+def distillation_error(alpha: float, temperature: float) -> str | None:
+    """Why these distillation settings are invalid (the recipe's parser and LMTrainer both ask), or None."""
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        return f"distill_alpha must be in [0, 1] (the weight of the KL; 1 - it weighs the label loss), got {alpha}"
+    if not (math.isfinite(temperature) and temperature > 0):
+        return f"distill_temperature must be a finite number > 0, got {temperature}"
+    return None
+
+
 LAYERS = ("input", "output")
 
 
@@ -153,20 +167,35 @@ class LMTrainer(Trainer):
             the training steps, and the rest SGD steps.
         basis_learning_rate: Adam's step size for basis_optimizer="adam".
         adam_layers: which of ("input", "output") take the Adam steps (default: those that are basis layers).
+        teacher: a dense causal LM with the same tokenizer to distill from (None: plain training). Frozen: eval mode,
+            no gradients, moved to the training device, run under no_grad in training steps only. Each training
+            step's loss is then distill_alpha * tau^2 KL(teacher || student) + (1 - distill_alpha) * the model's own
+            label loss, over the tokens that have a label (`logits_distillation_loss`: fused for a basis output
+            layer). The two terms are logged as `distill_kl` and `label_loss` (means over the logging interval).
+        distill_alpha: weight of the KL, in [0, 1].
+        distill_temperature: tau > 0 of the KL.
     """
 
     def __init__(self, *args, centroid_learning_rate: float | None = None, basis_optimizer: str = "same",
                  basis_learning_rate: float | None = None, adam_layers: tuple[str, ...] | None = None,
+                 teacher: torch.nn.Module | None = None, distill_alpha: float = 0.5, distill_temperature: float = 1.0,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        error = basis_optimizer_error(basis_optimizer, basis_learning_rate, centroid_learning_rate, self.args.optim)
+        error = (basis_optimizer_error(basis_optimizer, basis_learning_rate, centroid_learning_rate, self.args.optim)
+                 or distillation_error(distill_alpha, distill_temperature))
         if error:
             raise ValueError(error)
+        if teacher is not None and not isinstance(teacher.get_output_embeddings(), torch.nn.Linear):
+            raise ValueError(f"teacher must be a dense model (an nn.Linear output layer), got "
+                             f"{type(teacher.get_output_embeddings()).__name__}")
         self.train_tokens = 0
         self.centroid_learning_rate = centroid_learning_rate
         self.basis_optimizer = basis_optimizer
         self.basis_learning_rate = basis_learning_rate
         self.adam_layers = None if adam_layers is None else tuple(adam_layers)
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False).to(self.args.device)
+        self.distill_alpha, self.distill_temperature = float(distill_alpha), float(distill_temperature)
+        self._distill_sums: dict[str, torch.Tensor] = {}  # loss terms summed since the last log, and their count
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -206,7 +235,68 @@ class LMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.train_tokens += inputs["input_ids"].numel()
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.teacher is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        teacher_hidden = self._teacher_hidden(inputs)
+        label_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                   num_items_in_batch=num_items_in_batch)
+        kl = self._distillation_kl(outputs.logits, teacher_hidden, inputs, num_items_in_batch)
+        loss = self.distill_alpha * kl + (1 - self.distill_alpha) * label_loss
+        for name, value in (("distill_kl", kl), ("label_loss", label_loss), ("count", torch.ones_like(kl))):
+            self._distill_sums[name] = self._distill_sums.get(name, 0) + value.detach().float()
+        return (loss, outputs) if return_outputs else loss
+
+    def _distillation_kl(self, logits, teacher_hidden, inputs, num_items_in_batch) -> torch.Tensor:
+        """tau^2 KL(teacher || student) over the positions that have a label, normalised like the label loss that
+        Trainer.compute_loss returns: a mean over this batch, or, when the model normalises by the Trainer's
+        num_items_in_batch (gradient accumulation / token averaging across processes), a sum divided by it and
+        multiplied by the processes' count as the Trainer does."""
+        targets = inputs.get("shift_labels")
+        if targets is None:  # causal-LM labels: position t is trained on labels[t + 1]
+            targets = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+        mask = targets != IGNORE_INDEX
+        head = self.teacher.get_output_embeddings()
+        tau = self.distill_temperature
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            return logits_distillation_loss(logits, teacher_hidden, head, mask, tau, reduction="mean")
+        kl = logits_distillation_loss(logits, teacher_hidden, head, mask, tau, reduction="sum")
+        kl = kl / torch.as_tensor(num_items_in_batch, device=kl.device)
+        if self.args.average_tokens_across_devices:
+            kl = kl * self.accelerator.num_processes
+        return kl
+
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        """The teacher's output-layer input for this batch (a stateless model: input_ids and attention_mask)."""
+        hidden, _ = self._teacher_forward({k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs})
+        return hidden
+
+    @torch.no_grad()
+    def _teacher_forward(self, inputs: dict):
+        """(the activations entering the teacher's output layer, the teacher's outputs). A pre-hook captures the
+        layer's input and hands the layer zero positions instead, so the forward runs to its end (a stateful model
+        still returns its state) without building the teacher's logits: `logits_distillation_loss` computes them
+        from the hidden states, chunk by chunk for a basis student."""
+        captured = []
+
+        def hook(module, args):
+            captured.append(args[0])
+            return (args[0][..., :0, :], *args[1:])
+
+        handle = self.teacher.get_output_embeddings().register_forward_pre_hook(hook)
+        try:
+            outputs = self.teacher(**inputs)
+        finally:
+            handle.remove()
+        return captured[0], outputs
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training logs also carry the distillation's two loss terms (this process's means since the last log)."""
+        if "loss" in logs and self._distill_sums:
+            count = self._distill_sums.pop("count")
+            logs.update({name: round(float(total / count), 4) for name, total in self._distill_sums.items()})
+            self._distill_sums = {}
+        super().log(logs, *args, **kwargs)
 
 
 class BPTTTrainer(LMTrainer):
@@ -218,6 +308,7 @@ class BPTTTrainer(LMTrainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._states: dict[str, object] = {}
+        self._teacher_state = None  # the teacher runs in training steps only, so it has a training state only
 
     def _ordered_loader(self, dataset) -> DataLoader:
         # batch_size=None: each item already is a batch. Not passed through accelerator.prepare, which would shard
@@ -257,6 +348,16 @@ class BPTTTrainer(LMTrainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._states[key] = outputs[STATE_FIELD].detach()
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        """The teacher reads the same streams as the student with its own state, carried from window to window and
+        started from zeros exactly where the student's is (the student got no state: a new pass, or a new batch
+        size). Evaluations do not run the teacher, so they leave its training state where it was."""
+        state = None if inputs["past_key_values"] is None else self._teacher_state
+        hidden, outputs = self._teacher_forward({"input_ids": inputs["input_ids"], "past_key_values": state,
+                                                 "use_cache": True})
+        self._teacher_state = outputs[STATE_FIELD]
+        return hidden
 
 
 def token_nll(logits: torch.Tensor | tuple, labels: torch.Tensor | tuple) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_basis
+from hf_basis.modules.lazy_logits import LazyLogits
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(REPO, "recipes"))
@@ -380,3 +381,181 @@ def test_pq_aware_epochs_train_against_the_codebook_that_the_conversion_keeps(ti
         with pytest.raises(SystemExit):
             parse_args([os.path.join(REPO, "recipes", "configs", "ptb_basis_both.yaml"), *bad],
                        train_ptb.PTB_DEFAULTS)
+
+
+# Knowledge distillation from a dense teacher (--distill_from).
+
+
+@pytest.fixture(scope="module")
+def dense_teacher(tiny_corpus, tmp_path_factory):
+    """A dense LSTM trained one epoch on the tiny corpus: the teacher folder of the distillation tests."""
+    d = tmp_path_factory.mktemp("teacher")
+    train_ptb.main(["--data_dir", tiny_corpus, "--cache_dir", str(d / "cache"), *TINY, "--output_dir", str(d / "model"),
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "4"], train_ptb.PTB_DEFAULTS)
+    return str(d / "model")
+
+
+def _tiny_lstm(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = hf_basis.LSTMLMForCausalLM(hf_basis.LSTMLMConfig(vocab_size=23, emsize=16, nhid=16, nlayers=1, dropout=0.0))
+    with torch.no_grad():  # logits of a few units, not the near-uniform ones of the initialisation: a KL well above 0
+        model.lm_head.weight.normal_(0.0, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("head", ["dense", "basis"])
+def test_distillation_loss_matches_softmax_kl_computed_by_hand(tmp_path, head):
+    from transformers import TrainingArguments
+
+    student, teacher = _tiny_lstm(0), _tiny_lstm(1)
+    if head == "basis":
+        hf_basis.convert(student, num_basis=4, num_clusters=8, modules="output")
+    alpha, tau = 0.3, 2.0
+    args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, label_names=["labels", "shift_labels"])
+    trainer = lm_trainer.BPTTTrainer(model=student, args=args, teacher=teacher, distill_alpha=alpha,
+                                     distill_temperature=tau)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 23, (3, 6), generator=g)
+    targets = torch.randint(0, 23, (3, 6), generator=g)
+    targets[1, 2] = -100  # a position without a label counts in neither term
+    batch = {"input_ids": ids, "labels": ids, "shift_labels": targets, "reset_state": True}
+
+    student.train()
+    loss, outputs = trainer.compute_loss(student, dict(batch), return_outputs=True)
+    # A basis head's training logits stay lazy: its KL is the fused one, from the head's inputs.
+    assert isinstance(outputs.logits, LazyLogits) == (head == "basis")
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+
+    # Reference: both models' full logits (the student's without labels: real logits, even from a basis head).
+    logits = student(input_ids=ids).logits.float()
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits.float()
+    p = torch.softmax(teacher_logits / tau, -1)
+    kl_per_token = tau**2 * (p * (p.log() - torch.log_softmax(logits / tau, -1))).sum(-1)
+    mask = targets != -100
+    kl = kl_per_token[mask].mean()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 23), targets.reshape(-1), ignore_index=-100)
+    reference = alpha * kl + (1 - alpha) * ce
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert trainer._distill_sums["distill_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert trainer._distill_sums["label_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert grads.keys() == {n for n, p in student.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(student.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in teacher.parameters())
+
+    # num_items_in_batch (how the Trainer normalises the label loss): a sum over tokens divided by it, the same here.
+    student.zero_grad()
+    summed = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(int(mask.sum())))
+    assert summed.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_distillation_with_alpha_0_is_the_plain_recipe_and_the_teacher_carries_its_state(
+        tiny_corpus, dense_teacher, tmp_path, monkeypatch):
+    calls = []  # (teacher, its inputs, the hidden states it returned) of every teacher forward
+    teacher_forward = lm_trainer.LMTrainer._teacher_forward
+
+    def spy(self, inputs):
+        hidden, outputs = teacher_forward(self, inputs)
+        calls.append((self.teacher, inputs, hidden))
+        return hidden, outputs
+
+    monkeypatch.setattr(lm_trainer.LMTrainer, "_teacher_forward", spy)
+    flags = [os.path.join(REPO, "recipes", "configs", "ptb_basis_output.yaml"), *_common(tiny_corpus, tmp_path),
+             "--num_train_epochs", "2", "--dense_warmup_epochs", "1", "--pq_weighting", "uniform", "--num_basis", "4",
+             "--num_clusters", "8", "--per_device_train_batch_size", "4"]
+    plain = train_ptb.main([*flags, "--output_dir", str(tmp_path / "plain")], train_ptb.PTB_DEFAULTS)
+    assert not calls
+    distilled = train_ptb.main([*flags, "--output_dir", str(tmp_path / "kd"), "--distill_from", dense_teacher,
+                                "--distill_alpha", "0"], train_ptb.PTB_DEFAULTS)
+
+    # alpha = 0: 0 * KL + 1 * CE, the same losses, the same model, bit for bit.
+    def losses(results):
+        return [(e["phase"], e["step"], e["loss"]) for e in results["log_history"] if "loss" in e]
+
+    assert losses(distilled) == losses(plain)
+    assert distilled["test_perplexity"] == plain["test_perplexity"]
+    logged = [e for e in distilled["log_history"] if "distill_kl" in e]
+    assert logged and {e["phase"] for e in logged} == {"basis"}  # --distill_phases last: the phase after the switch
+    assert all(e["label_loss"] == pytest.approx(e["loss"], abs=2e-4) and e["distill_kl"] > 0 for e in logged)
+    assert distilled["distillation"] == {"teacher": os.path.abspath(dense_teacher), "alpha": 0.0, "temperature": 1.0,
+                                         "phases": "last", "teacher_test_perplexity": pytest.approx(
+                                             json.loads(open(os.path.join(dense_teacher, "results.json")).read())[
+                                                 "test_perplexity"])}
+    assert plain["distillation"] is None
+    assert distilled["args"]["compression"]["distill_from"] == dense_teacher
+
+    # The teacher's state is carried: one epoch of windows, the first from zeros, each later one from the state the
+    # previous returned, so its hidden states are those of the teacher reading each column in one go.
+    teacher = calls[0][0]
+    states = [inputs["past_key_values"] for _, inputs, _ in calls]
+    assert states[0] is None and all(state is not None for state in states[1:])
+    stream = torch.cat([inputs["input_ids"] for _, inputs, _ in calls], dim=1)
+    with torch.no_grad():
+        reference = teacher.rnn(teacher.encoder(stream))[0]
+    torch.testing.assert_close(torch.cat([hidden for _, _, hidden in calls], dim=1), reference)
+    # ... frozen, and unchanged by the training.
+    saved = AutoModelForCausalLM.from_pretrained(dense_teacher)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for (name, p), q in zip(teacher.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_dense_student_distilled_after_the_switch_is_the_equally_tuned_reference(
+        tiny_corpus, dense_teacher, tmp_path):
+    alpha = 0.7
+    results = train_ptb.main(
+        [os.path.join(REPO, "recipes", "configs", "ptb_dense.yaml"), *_common(tiny_corpus, tmp_path),
+         "--output_dir", str(tmp_path / "dense_kd"), "--num_train_epochs", "2", "--dense_warmup_epochs", "1",
+         "--continue_learning_rate", "true", "--per_device_train_batch_size", "4", "--distill_from", dense_teacher,
+         "--distill_alpha", str(alpha), "--distill_temperature", "2"],
+        train_ptb.PTB_DEFAULTS,
+    )
+    assert {e["phase"] for e in results["log_history"]} == {"dense", "dense-distilled"}
+    assert results["compression"] == "none" and results["distillation"]["temperature"] == 2.0
+    logged = [e for e in results["log_history"] if "distill_kl" in e]
+    assert logged and {e["phase"] for e in logged} == {"dense-distilled"}
+    for e in logged:  # the logged loss is the mix of the two logged terms
+        assert e["loss"] == pytest.approx(alpha * e["distill_kl"] + (1 - alpha) * e["label_loss"], abs=1e-3)
+    assert math.isfinite(results["test_perplexity"])
+
+
+def test_distillation_arguments_are_checked_before_training(tiny_corpus, dense_teacher, tmp_path, capsys):
+    for flags, message in (
+            (["--distill_alpha", "1.5"], "--distill_alpha must be in [0, 1]"),
+            (["--distill_alpha", "nan"], "--distill_alpha must be in [0, 1]"),
+            (["--distill_temperature", "0"], "--distill_temperature must be a finite number > 0"),
+            (["--distill_phases", "basis"], "--distill_phases must be one of ('last', 'all')")):
+        with pytest.raises(SystemExit):
+            parse_args([*flags, "--distill_from", dense_teacher], train_ptb.PTB_DEFAULTS)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # distillation settings without a teacher
+        parse_args(["--distill_alpha", "0.9"], train_ptb.PTB_DEFAULTS)
+    assert "need --distill_from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--distill_from", str(tmp_path)], train_ptb.PTB_DEFAULTS)  # no model there
+    assert "--distill_from must be a saved model folder" in capsys.readouterr().err
+    other = tmp_path / "other_vocabulary"
+    _tiny_lstm(0).save_pretrained(other)
+    with pytest.raises(ValueError, match="predicts 23 words"):  # refused after loading the data, before training
+        train_ptb.main([*_common(tiny_corpus, tmp_path), "--output_dir", str(tmp_path / "out"),
+                        "--distill_from", str(other)], train_ptb.PTB_DEFAULTS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_small_gpt2_distills_from_a_dense_one(tiny_corpus, tmp_path):
+    flags = [os.path.join(REPO, "recipes", "configs", "wikitext2_gpt2.yaml"), *_common(tiny_corpus, tmp_path),
+             "--emsize", "32", "--nlayers", "1", "--n_head", "2", "--bptt", "16", "--per_device_train_batch_size", "8",
+             "--max_steps", "10", "--warmup_steps", "0", "--learning_rate", "3e-3", "--eval_strategy", "no"]
+    train_wikitext.main([*flags, "--output_dir", str(tmp_path / "teacher")], train_wikitext.WIKITEXT_DEFAULTS)
+    results = train_wikitext.main(
+        [*flags, "--output_dir", str(tmp_path / "student"), "--compression", "basis", "--num_basis", "4",
+         "--num_clusters", "8", "--distill_from", str(tmp_path / "teacher"), "--distill_temperature", "2"],
+        train_wikitext.WIKITEXT_DEFAULTS,
+    )
+    logged = [e for e in results["log_history"] if "loss" in e]
+    assert logged and all(e["distill_kl"] > 0 and math.isfinite(e["label_loss"]) for e in logged)
+    assert math.isfinite(results["test_perplexity"]) and results["distillation"]["temperature"] == 2.0
