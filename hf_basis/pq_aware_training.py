@@ -168,8 +168,9 @@ class PQAwareTrainingCallback(TrainerCallback):
     """Re-assigns the codes of a model prepared by `prepare_pq_aware_training` every `refresh_steps` optimizer
     steps (`FakeProductQuantize.refresh`; `pull` < 1 keeps part of the dense rows' own path between refreshes), and
     appends to the log history each epoch the mean fraction of words whose codes changed per refresh
-    (`pq_codes_changed`) and the relative distance of the dense rows to their decoded rows before the last refresh
-    (`pq_relative_error`)."""
+    (`pq_codes_changed`), the fraction of words whose codes at the epoch's end differ from those at its start
+    (`pq_codes_moved`: tells words that settle on new codes from words that flip back and forth between refreshes)
+    and the relative distance of the dense rows to their decoded rows before the last refresh (`pq_relative_error`)."""
 
     def __init__(self, refresh_steps: int = 10, pull: float = 1.0) -> None:
         if isinstance(refresh_steps, bool) or not isinstance(refresh_steps, int) or refresh_steps < 1:
@@ -178,6 +179,10 @@ class PQAwareTrainingCallback(TrainerCallback):
             raise ValueError(f"pull must be in [0, 1], got {pull!r}")
         self.refresh_steps, self.pull = refresh_steps, pull
         self._changed: list[float] = []
+        self._epoch_start_codes: list[torch.Tensor] = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self._epoch_start_codes = [q.codes.clone() for _, q in fake_quantizers(model)] if model is not None else []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.refresh_steps:
@@ -188,9 +193,12 @@ class PQAwareTrainingCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         quantizers = fake_quantizers(model) if model is not None else []
         if quantizers and self._changed:
-            state.log_history.append({
-                "epoch": state.epoch, "step": state.global_step,
-                "pq_codes_changed": sum(self._changed) / len(self._changed),
-                "pq_relative_error": sum(q.relative_error for _, q in quantizers) / len(quantizers),
-            })
+            entry = {"epoch": state.epoch, "step": state.global_step,
+                     "pq_codes_changed": sum(self._changed) / len(self._changed)}
+            if len(self._epoch_start_codes) == len(quantizers):
+                entry["pq_codes_moved"] = sum(float((q.codes != start).any(dim=1).float().mean())
+                                              for (_, q), start in zip(quantizers, self._epoch_start_codes)
+                                              ) / len(quantizers)
+            entry["pq_relative_error"] = sum(q.relative_error for _, q in quantizers) / len(quantizers)
+            state.log_history.append(entry)
         self._changed = []

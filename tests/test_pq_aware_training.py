@@ -123,6 +123,9 @@ def test_callback_refreshes_every_n_steps_and_logs_each_epoch(monkeypatch):
     callback = hf_basis.PQAwareTrainingCallback(refresh_steps=3, pull=0.5)
     state, control = TrainerState(), TrainerControl()
     args = TrainingArguments(output_dir="unused", report_to=[])
+    callback.on_epoch_begin(args, state, control, model=model)
+    quantizer = fake_quantizers(model)[0][1]
+    quantizer.codes[:3, 0] = (quantizer.codes[:3, 0] + 1) % K  # 3 of the V words end the epoch on other codes
     for step in range(1, 8):
         state.global_step = step
         callback.on_step_end(args, state, control, model=model)
@@ -131,6 +134,7 @@ def test_callback_refreshes_every_n_steps_and_logs_each_epoch(monkeypatch):
     state.epoch = 1.0
     callback.on_epoch_end(args, state, control, model=model)
     assert state.log_history[-1]["pq_codes_changed"] == 0.25 and "pq_relative_error" in state.log_history[-1]
+    assert state.log_history[-1]["pq_codes_moved"] == pytest.approx(3 / V)
 
 
 def test_embedding_and_linear_types_are_required():

@@ -371,6 +371,7 @@ def test_pq_aware_epochs_train_against_the_codebook_that_the_conversion_keeps(ti
     refreshes = [e for e in results["log_history"] if "pq_codes_changed" in e]
     assert [(e["phase"], e["epoch"]) for e in refreshes] == [("pq-aware", 1.0)]  # the PQ-aware epoch only
     assert 0 <= refreshes[0]["pq_codes_changed"] <= 1 and 0 < refreshes[0]["pq_relative_error"] < 1
+    assert 0 <= refreshes[0]["pq_codes_moved"] <= 1  # logged: the Trainer gave the callback the epoch's start
     switch = results["switch"]  # the model already computed with the codebook: converting changes nothing
     assert switch["eval_perplexity_after"] == pytest.approx(switch["eval_perplexity_before"], rel=1e-5)
     assert [layer["kind"] for layer in results["compressed_modules"]["layers"]] == ["BasisEmbedding", "BasisLinear"]
