@@ -50,7 +50,8 @@ class HealArguments:
     alpha: float = 1.0
     train: str = field(default="compressed", metadata={"help": "compressed (default) or all"})
     compressed_lr: float | None = field(default=None, metadata={"help": "default: 0.05 x the centroids' RMS"})
-    hidden_loss: str = "pooled_cosine"
+    hidden_loss: str = field(default="pooled_cosine", metadata={
+        "help": "pooled_cosine, token_cosine or pooled_and_token_cosine (their sum); encoders only"})
     refit_codes: bool = True
 
     def check(self) -> None:

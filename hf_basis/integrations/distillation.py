@@ -18,7 +18,9 @@ Objectives (`distill_on`):
                         teacher's logits come from its last hidden state one chunk at a time.
   "last_hidden_state"   for encoders (sentence-transformers models): `hidden_loss="pooled_cosine"` (default),
                         1 - cosine of the mean-pooled last hidden states over the non-padded tokens (the sentence
-                        embedding sentence-transformers computes); "token_cosine": the same per token, averaged.
+                        embedding sentence-transformers computes); "token_cosine": the same per token, averaged;
+                        "pooled_and_token_cosine": their sum (every token's state constrains the student, not only
+                        the sentence's mean: +0.003 on all-MiniLM-L6-v2 16 x 256 after 2,000 PTB sentences).
 
 `logits_distillation_loss` is that logits KL for a training loop of one's own that runs the student's ordinary
 forward (its label loss, a stateful model's recurrent state) and adds the term: the PTB / WikiText recipes'
@@ -56,7 +58,7 @@ __all__ = ["DistillationTrainer", "logits_distillation_loss", "refit_embedding_c
 
 DISTILL_ON = ("logits", "last_hidden_state")
 TRAIN_CHOICES = ("compressed", "all")
-HIDDEN_LOSSES = ("pooled_cosine", "token_cosine")
+HIDDEN_LOSSES = ("pooled_cosine", "token_cosine", "pooled_and_token_cosine")
 # Adam moves every value by ~lr per step whatever its scale, so the default rate is relative to the centroids' RMS:
 # 0.05 x RMS, i.e. 2.8e-3 on all-MiniLM-L6-v2 (RMS 0.056; 3e-3 measured there, recipes/results/heal_minilm_*.json)
 # and 1e-3 on the tests' tiny models (RMS 0.02; 1e-2 made them worse).
@@ -187,7 +189,8 @@ class DistillationTrainer(Trainer):
         train: "compressed" (default: only the compressed layers' centroids and basis biases train) or "all".
         compressed_lr: learning rate of the compressed layers (default None: 0.05 x the RMS of their centroids,
             e.g. 2.8e-3 on all-MiniLM-L6-v2); `args.learning_rate` is used for every other parameter when train="all".
-        hidden_loss: "pooled_cosine" (default) or "token_cosine"; distill_on="last_hidden_state" only.
+        hidden_loss: "pooled_cosine" (default), "token_cosine" or "pooled_and_token_cosine" (their sum);
+            distill_on="last_hidden_state" only.
         row_weight: weight of the row-distillation loss on basis input embeddings (default 0.0: off).
         refit_codes: re-fit the basis input embedding's codes to the teacher's rows, weighted by `train_dataset`'s
             token counts, before training (default True; needs a `train_dataset` with `input_ids`).
@@ -300,12 +303,13 @@ class DistillationTrainer(Trainer):
         hidden = self._hidden(model, student, inputs)
         mask = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
         if self.distill_on == "last_hidden_state":
-            if self.hidden_loss == "pooled_cosine":
-                loss = 1 - F.cosine_similarity(_mean_pool(hidden.float(), mask),
-                                               _mean_pool(teacher_hidden.float(), mask), dim=-1).mean()
-            else:
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            if self.hidden_loss in ("pooled_cosine", "pooled_and_token_cosine"):
+                loss = loss + 1 - F.cosine_similarity(_mean_pool(hidden.float(), mask),
+                                                      _mean_pool(teacher_hidden.float(), mask), dim=-1).mean()
+            if self.hidden_loss in ("token_cosine", "pooled_and_token_cosine"):
                 token = 1 - F.cosine_similarity(hidden.float(), teacher_hidden.float(), dim=-1)
-                loss = (token * mask).sum() / mask.sum().clamp_min(1)
+                loss = loss + (token * mask).sum() / mask.sum().clamp_min(1)
         else:
             loss = self.alpha * self._logits_kl(student, hidden, teacher_hidden, mask)
             if self.alpha < 1:

@@ -211,3 +211,21 @@ def test_row_weight_adds_the_normalised_row_error_of_the_batch_tokens(tmp_path):
     rows = student.get_input_embeddings().weight.detach()  # the decoded table
     expected = 2.0 * (rows[ids] - W[ids]).pow(2).sum(-1).mean() / W.pow(2).sum(-1).mean()
     torch.testing.assert_close(losses[1] - losses[0], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_pooled_and_token_cosine_sums_the_sentence_and_the_per_token_cosine_losses(tmp_path):
+    teacher, student = pair("bert", modules="input")
+    batch = {k: torch.stack([d[k] for d in dataset(6, labels=False)]) for k in ("input_ids", "attention_mask")}
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), refit_codes=False,
+                                  distill_on="last_hidden_state", hidden_loss="pooled_and_token_cosine")  # fmt: skip
+    loss = trainer.compute_loss(student, dict(batch)).detach()
+    # reference, sentence by sentence and token by token over the non-padded positions only
+    with torch.no_grad():
+        hs = student(**batch).last_hidden_state
+        ht = teacher(**batch).last_hidden_state
+    pooled, tokens = [], []
+    for s, t, m in zip(hs, ht, batch["attention_mask"].bool()):
+        pooled.append(1 - F.cosine_similarity(s[m].mean(0), t[m].mean(0), dim=0))
+        tokens += [1 - F.cosine_similarity(a, b, dim=0) for a, b in zip(s[m], t[m])]
+    expected = torch.stack(pooled).mean() + torch.stack(tokens).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
