@@ -14,7 +14,9 @@ time to write the logits once (T*V*elem bytes) at the copy bandwidth measured in
 1 GiB device copy). CUDA-graph columns (`--cuda-graphs`, on by default) replay the same work as one graph; they are
 the GPU time of the work and the headline at 128 tokens: there the eager columns are paced by the host (Python,
 autograd, Triton's launcher), whose time to issue one basis call is given too (`host ... us`, CPU time of 50 calls
-issued back to back without synchronising).
+issued back to back without synchronising). "floor us" is the same for an autograd Function that only clones its
+input (autograd's own cost); "1thr" columns repeat both with `torch.autograd.set_multithreading_enabled(False)`, the
+backward then running on the calling thread instead of being handed to autograd's CUDA worker thread.
 The forward's parts are timed the same way, each as its own graph (second table): the projection bmm, the decode
 kernel on a precomputed P, a trivial kernel writing the same T x V logits (`fill_`: the floor of any decode), and a
 one-element `fill_` (the fixed cost of one timed replay: launch, events and the tail of the L2 flush): where the
@@ -93,6 +95,18 @@ def _host_us(fn, params, calls=50):
     return elapsed / calls * 1e6
 
 
+class _Clone(torch.autograd.Function):
+    """The least an eager autograd forward + backward can do: autograd's own cost, the floor under host_basis_*."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
 def _graph_ms(fn, params):
     """Capture fn (forward, or forward+backward) in one CUDA graph and time its replay."""
     graph = capture_graph(fn, params)
@@ -137,6 +151,13 @@ def bench_cuda_row(T, H, V, B, K, dtype, device, cuda_graphs=True, copy_bw=None)
     # what paces the eager basis columns when they exceed the graph replay: the host issuing the work
     row["host_basis_fwd_us"] = _host_us(basis_fwd, [])
     row["host_basis_fwd_bwd_us"] = _host_us(basis_step, basis_params)
+    # autograd's floor: a Function that only clones, forward + backward; and both again with the backward run on
+    # this thread (no hand-off to autograd's CUDA worker thread, which dominates the floor on some machines)
+    small, small_grad = x.detach()[:1].clone().requires_grad_(True), x.detach()[:1].clone()
+    row["host_autograd_floor_us"] = _host_us(lambda: _Clone.apply(small).backward(small_grad), [small])
+    with torch.autograd.set_multithreading_enabled(False):
+        row["host_basis_fwd_bwd_1thread_us"] = _host_us(basis_step, basis_params)
+        row["host_autograd_floor_1thread_us"] = _host_us(lambda: _Clone.apply(small).backward(small_grad), [small])
 
     # parts, for the record
     with torch.no_grad():
@@ -244,6 +265,9 @@ def _print_table(rows, device_name, graphs):
         ("decode_bwd_ms", "dec bwd", "{:>7.4f}"),
         ("host_basis_fwd_us", "host fwd us", "{:>11.0f}"),
         ("host_basis_fwd_bwd_us", "host f+b us", "{:>11.0f}"),
+        ("host_autograd_floor_us", "floor us", "{:>8.0f}"),
+        ("host_basis_fwd_bwd_1thread_us", "f+b 1thr us", "{:>11.0f}"),
+        ("host_autograd_floor_1thread_us", "floor 1thr", "{:>10.0f}"),
     ]
     if graphs:
         cols += [("graph_fwd_speedup", "g fwd x", "{:>7.2f}"), ("graph_fwd_bwd_speedup", "g f+b x", "{:>7.2f}")]

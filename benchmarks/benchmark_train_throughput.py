@@ -19,6 +19,9 @@ Untied embeddings, AdamW, batch 8 x 2048 random tokens, SDPA attention, in four 
                as hf_basis.convert does: training calls never build the logits (the issue's comparison: head only)
   basis_in_out the same, and the input embedding a BasisEmbedding (8 x 384) too: what hf_basis.convert does by
                default (an extra row; not the head-only comparison)
+  no_head      the decoder alone, no output layer (loss: mean square of the last hidden state; plain and compiled
+               loops, one process): the step time any head adds its cost to, so dense / no_head bounds the speed-up
+               a cheaper head can give
 Reports tokens/s over the timed steps (plain / compiled: CUDA events; Trainer: wall time between synchronised
 callbacks, so its host-side work counts), ms per step and the peak allocated memory (GiB) over the timed steps.
 
@@ -101,6 +104,8 @@ def build(head: str, args, dtype: torch.dtype) -> torch.nn.Module:
             emb = BasisEmbedding(args.vocab, args.hidden, args.num_basis, args.clusters, device=args.device,
                                  dtype=dtype)
             model.set_input_embeddings(with_random_codes(emb, args.clusters))
+    elif head == "no_head":
+        model.set_output_embeddings(torch.nn.Identity())  # never called: the loss stops at the last hidden state
     elif head == "dense_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -138,7 +143,9 @@ def random_batches(args) -> list[torch.Tensor]:
     return [torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g) for _ in range(4)]
 
 
-def model_loss(model: torch.nn.Module):
+def model_loss(model: torch.nn.Module, head: str = "dense"):
+    if head == "no_head":
+        return lambda ids: model.model(input_ids=ids).last_hidden_state.float().square().mean()
     return lambda ids: model(input_ids=ids, labels=ids).loss
 
 
@@ -175,7 +182,7 @@ def time_plain_loop(model: torch.nn.Module, args, loss_fn=None) -> tuple[float, 
     return start.elapsed_time(end) / args.steps, loss.item()
 
 
-def time_compiled_loop(model: torch.nn.Module, args) -> tuple[float, float, dict]:
+def time_compiled_loop(model: torch.nn.Module, args, head: str = "dense") -> tuple[float, float, dict]:
     """time_plain_loop with the model's loss compiled, and what dynamo did over the whole run (compilation included):
     graph breaks (each splits the step into more graphs and leaves the code between them eager), recompiles (each a
     new compilation inside the run; none is expected, every batch has the same shape) and graphs compiled."""
@@ -184,7 +191,7 @@ def time_compiled_loop(model: torch.nn.Module, args) -> tuple[float, float, dict
 
     torch._dynamo.reset()
     counters.clear()
-    ms, loss = time_plain_loop(model, args, torch.compile(model_loss(model)))
+    ms, loss = time_plain_loop(model, args, torch.compile(model_loss(model, head)))
     dynamo = {"graph_breaks": sum(counters["graph_break"].values()),
               "recompiles": sum(counters["recompiles"].values()),
               "graphs": counters["stats"]["unique_graphs"]}
@@ -205,8 +212,9 @@ def time_trainer(model: torch.nn.Module, args) -> tuple[float, float]:
         def on_step_end(self, train_args, state, control, **kwargs):
             if state.global_step in (args.warmup, args.warmup + args.steps):
                 synchronize(args.device)
-                if state.global_step == args.warmup and args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+                if state.global_step == args.warmup:
+                    if args.device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     self.start = time.perf_counter()
                 else:
                     self.ms = (time.perf_counter() - self.start) * 1e3 / args.steps
@@ -226,13 +234,18 @@ def time_trainer(model: torch.nn.Module, args) -> tuple[float, float]:
 
 
 def run(head: str, loop: str, args) -> dict:
+    if head == "no_head" and (loop not in ("plain", "compiled") or world_size() > 1):
+        raise ValueError("--heads no_head runs in the plain and compiled loops of one process only")
     model = build(head, args, LOOPS[loop])
     params = sum(p.numel() for p in model.parameters())
     dynamo = {}
+    trained = wrap(model, args)
     if loop == "compiled":
-        ms, loss, dynamo = time_compiled_loop(wrap(model, args), args)
+        ms, loss, dynamo = time_compiled_loop(trained, args, head)
+    elif loop == "plain":
+        ms, loss = time_plain_loop(trained, args, model_loss(trained, head))
     else:
-        ms, loss = (time_plain_loop if loop == "plain" else time_trainer)(wrap(model, args), args)
+        ms, loss = time_trainer(trained, args)
     # Every process: its step time and peak; the slowest step and the largest peak count.
     peak = torch.cuda.max_memory_allocated() / GiB if args.device == "cuda" else float("nan")
     stats = torch.tensor([ms, peak], device=args.device)
