@@ -154,10 +154,14 @@ def bench_cuda_row(T, H, V, B, K, dtype, device, cuda_graphs=True, copy_bw=None)
     # autograd's floor: a Function that only clones, forward + backward; and both again with the backward run on
     # this thread (no hand-off to autograd's CUDA worker thread, which dominates the floor on some machines)
     small, small_grad = x.detach()[:1].clone().requires_grad_(True), x.detach()[:1].clone()
-    row["host_autograd_floor_us"] = _host_us(lambda: _Clone.apply(small).backward(small_grad), [small])
+
+    def floor_step():
+        _Clone.apply(small).backward(small_grad)
+
+    row["host_autograd_floor_us"] = _host_us(floor_step, [small])
     with torch.autograd.set_multithreading_enabled(False):
         row["host_basis_fwd_bwd_1thread_us"] = _host_us(basis_step, basis_params)
-        row["host_autograd_floor_1thread_us"] = _host_us(lambda: _Clone.apply(small).backward(small_grad), [small])
+        row["host_autograd_floor_1thread_us"] = _host_us(floor_step, [small])
 
     # parts, for the record
     with torch.no_grad():

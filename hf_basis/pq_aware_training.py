@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+def _share_changed(codes: torch.Tensor, before: torch.Tensor) -> float:
+    """The fraction of words (rows) whose codes differ between two (V, B) code tables."""
+    return float((codes != before).any(dim=1).float().mean())
+
+
 class FakeProductQuantize(nn.Module):
     """A parametrization of a (V, D) weight: its product quantization forward, gradients to the centroids and,
     straight through, to the dense weight.
@@ -78,7 +83,7 @@ class FakeProductQuantize(nn.Module):
         way to their decoded rows (in place; 1: the dense rows restart from the codebook, so only the gradient steps
         of the last refresh interval decide a change of codes). Returns the fraction of rows whose codes changed."""
         codes = encode(weight, self.centroids).long()
-        changed = float((codes != self.codes).any(dim=1).float().mean())
+        changed = _share_changed(codes, self.codes)
         self.codes.copy_(codes)
         self.relative_error = relative_error(weight.detach(), self.codes, self.centroids.detach())
         if pull:
@@ -196,7 +201,7 @@ class PQAwareTrainingCallback(TrainerCallback):
             entry = {"epoch": state.epoch, "step": state.global_step,
                      "pq_codes_changed": sum(self._changed) / len(self._changed)}
             if len(self._epoch_start_codes) == len(quantizers):
-                entry["pq_codes_moved"] = sum(float((q.codes != start).any(dim=1).float().mean())
+                entry["pq_codes_moved"] = sum(_share_changed(q.codes, start)
                                               for (_, q), start in zip(quantizers, self._epoch_start_codes)
                                               ) / len(quantizers)
             entry["pq_relative_error"] = sum(q.relative_error for _, q in quantizers) / len(quantizers)

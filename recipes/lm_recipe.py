@@ -360,10 +360,10 @@ def _trainer(model, args, model_args, datasets, tokenizer, metric, stopper, comp
     """The phase's Trainer; `comp_args` (the phase after a conversion) sets the basis parameters' optimizer;
     `teacher` (with `distill_args`: --distill_alpha and --distill_temperature) makes it distill."""
     cls = BPTTTrainer if model_args.architecture == "lstm_lm" else LMTrainer
+    distill = {} if teacher is None else {"teacher": teacher, "distill_alpha": distill_args.distill_alpha,
+                                          "distill_temperature": distill_args.distill_temperature}
     return cls(
-        teacher=teacher,
-        distill_alpha=distill_args.distill_alpha if teacher is not None else 0.5,
-        distill_temperature=distill_args.distill_temperature if teacher is not None else 1.0,
+        **distill,
         centroid_learning_rate=comp_args.centroid_learning_rate if comp_args else None,
         basis_optimizer=comp_args.basis_optimizer if comp_args else "same",
         basis_learning_rate=comp_args.basis_learning_rate if comp_args else None,
