@@ -10,7 +10,8 @@
 #   PTB_DIR=path/to/ptb bash recipes/ptb_distill_sweep.sh     (EPOCHS=4 EXTRA="--max_train_tokens 8000": smoke test)
 # TEACHER_EPOCHS (default EPOCHS) trains the teacher for fewer epochs, so that the students start sooner: the dense
 # recipe's learning rate falls on plateaus, not on a fixed schedule, so a 22-epoch run is the 40-epoch run's first 22
-# epochs (valid perplexity 98.5 vs 97.7 at 40, recipes/results/ptb_pqa_dense_40ep.json).
+# epochs (valid perplexity 98.5 vs 97.7 at 40, recipes/results/ptb_pqa_dense_40ep.json). STUDENTS=0 stops after
+# round 1 (the teacher saved for a later round 2: RUNS=the same folder SKIP_ROUND1=1).
 set -u
 D=${PTB_DIR:-../shared/data/ptb}; R=${RUNS:-runs}; E=${EPOCHS:-40}; mkdir -p $R
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
@@ -20,10 +21,13 @@ AT() { echo $(($1 * E / 40)); }  # epoch N of 40, scaled to EPOCHS
 run() { local name=$1; shift
   ( python3 recipes/train_ptb.py "$1" $COMMON "${@:2}" --output_dir $R/$name --cache_dir $R/cache_$name > $R/$name.log 2>&1
     echo "exit $?" >> $R/$name.log ) & }
-run teacher $DENSE --num_train_epochs ${TEACHER_EPOCHS:-$E}; TEACHER=$!
-run both_8x400_plain10 $BOTH --dense_warmup_epochs $(AT 10) --pq_aware_epochs 0
-run out_8x4096_plain10 $OUTPUT --dense_warmup_epochs $(AT 10) --num_clusters 4096
-wait $TEACHER
+if [ "${SKIP_ROUND1:-0}" != 1 ]; then
+  run teacher $DENSE --num_train_epochs ${TEACHER_EPOCHS:-$E}; TEACHER=$!
+  run both_8x400_plain10 $BOTH --dense_warmup_epochs $(AT 10) --pq_aware_epochs 0
+  run out_8x4096_plain10 $OUTPUT --dense_warmup_epochs $(AT 10) --num_clusters 4096
+  if [ "${STUDENTS:-1}" != 1 ]; then wait; grep -H "test perplexity" $R/*.log; exit 0; fi
+  wait $TEACHER
+fi
 KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
 run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
 run out_8x384_kd10_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2
