@@ -25,13 +25,14 @@ if [ "${SKIP_ROUND1:-0}" != 1 ]; then
   run teacher $DENSE --num_train_epochs ${TEACHER_EPOCHS:-$E}; TEACHER=$!
   run both_8x400_plain10 $BOTH --dense_warmup_epochs $(AT 10) --pq_aware_epochs 0
   run out_8x4096_plain10 $OUTPUT --dense_warmup_epochs $(AT 10) --num_clusters 4096
-  if [ "${STUDENTS:-1}" != 1 ]; then wait; grep -H "test perplexity" $R/*.log; exit 0; fi
-  wait $TEACHER
 fi
-KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
-run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
-run out_8x384_kd10_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2
-run both_8x400_kd10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
-run dense_kd10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
+if [ "${STUDENTS:-1}" = 1 ]; then
+  [ "${SKIP_ROUND1:-0}" = 1 ] || wait $TEACHER
+  KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
+  run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
+  run out_8x384_kd10_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2
+  run both_8x400_kd10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
+  run dense_kd10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
+fi
 wait
 grep -H "test perplexity" $R/*.log
