@@ -4,9 +4,10 @@
 # under the names they get in recipes/results/, and a Markdown summary, in runs/heal/results/.
 #   1. a GPT-2-style LM trained dense on PTB (recipes/configs/ptb_gpt2.yaml; stopped cleanly, evaluated and saved
 #      after DENSE_MINUTES if it has not finished by then);
-#   2. once it is saved, side by side: recipes/heal.py on it after converting input + output to basis 8 x 256 and to
-#      quant 2 / 4 bit, each on at most 10% of the tokens the dense run trained on (the first PTB training sentences
-#      that fit, one epoch); results.json: perplexity of the dense model, right after the conversion, after healing;
+#   2. once it is saved, side by side: recipes/heal.py on it after converting input + output to basis 8 x 256 /
+#      16 x 256 and to quant 2 / 4 bit, each on at most 10% of the tokens the dense run trained on (the first PTB
+#      training sentences that fit, one epoch); results.json: perplexity of the dense model, right after the
+#      conversion, after healing;
 #   3. from the start, beside 1: all-MiniLM-L6-v2's input embedding at 16 x 256 and 8 x 256, healed on 20,000 PTB
 #      training sentences (mean cosine of the sentence embeddings on 256 PTB test sentences).
 #
@@ -88,6 +89,11 @@ EOF
     side heal gpt2_basis_both_8x256_all_lr3e-4 $teacher $basis $all --learning_rate 3e-4
     side heal gpt2_quant_both_2bit_all_lr3e-4 $teacher --method quant --nbit 2 --modules both $all --learning_rate 3e-4
     side heal gpt2_quant_both_4bit_all_lr1e-4 $teacher --method quant --nbit 4 --modules both $all --learning_rate 1e-4
+    # the 2% target at >= 10x: 16 x 256 (12.1x), 8 x 256 at a higher learning rate, 2-bit with faster-moving levels
+    side heal gpt2_basis_both_16x256_all_lr3e-4 $teacher $basis --num_basis 16 $all --learning_rate 3e-4
+    side heal gpt2_basis_both_8x256_all_lr1e-3 $teacher $basis $all --learning_rate 1e-3
+    side heal gpt2_quant_both_2bit_all_lr3e-4_clr3e-3 $teacher --method quant --nbit 2 --modules both $all \
+        --learning_rate 3e-4 --compressed_lr 3e-3
     wait; }
 
 minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basis
@@ -101,7 +107,11 @@ minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basi
     # second, 5 epochs at 2e-4, is the best measured (0.963 / 0.945 on one H100, ~2.5 min each)
     local token="--train all --warmup_steps 100 --hidden_loss pooled_and_token_cosine"
     heal minilm_${2}x256_20k_all_token_lr1e-4 $m $token --learning_rate 1e-4
-    heal minilm_${2}x256_20k_all_token_lr2e-4_5ep $m $token --learning_rate 2e-4 --num_train_epochs 5; }
+    heal minilm_${2}x256_20k_all_token_lr2e-4_5ep $m $token --learning_rate 2e-4 --num_train_epochs 5
+    # longer / faster, for 16 x 256's 0.97
+    heal minilm_${2}x256_20k_all_token_lr3e-4_8ep $m $token --learning_rate 3e-4 --num_train_epochs 8
+    heal minilm_${2}x256_20k_all_token_lr4e-4_5ep $m $token --learning_rate 4e-4 --num_train_epochs 5
+    heal minilm_${2}x256_20k_all_token_lr2e-4_8ep $m $token --learning_rate 2e-4 --num_train_epochs 8; }
 
 minilm_folder() {  # MINILM (a model folder, the wheel, a pip --target folder) or the installed package -> model folder
     local src=${MINILM:-}

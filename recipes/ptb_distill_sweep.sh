@@ -11,7 +11,8 @@
 # TEACHER_EPOCHS (default EPOCHS) trains the teacher for fewer epochs, so that the students start sooner: the dense
 # recipe's learning rate falls on plateaus, not on a fixed schedule, so a 22-epoch run is the 40-epoch run's first 22
 # epochs (valid perplexity 98.5 vs 97.7 at 40, recipes/results/ptb_pqa_dense_40ep.json). STUDENTS=0 stops after
-# round 1 (the teacher saved for a later round 2: RUNS=the same folder SKIP_ROUND1=1).
+# round 1 (the teacher saved for a later round 2: RUNS=the same folder SKIP_ROUND1=1). A teacher already saved in
+# $RUNS/teacher (trained on another machine, say) is reused: round 1 then runs its other two runs beside round 2.
 set -u
 D=${PTB_DIR:-../shared/data/ptb}; R=${RUNS:-runs}; E=${EPOCHS:-40}; mkdir -p $R
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
@@ -21,13 +22,15 @@ AT() { echo $(($1 * E / 40)); }  # epoch N of 40, scaled to EPOCHS
 run() { local name=$1; shift
   ( python3 recipes/train_ptb.py "$1" $COMMON "${@:2}" --output_dir $R/$name --cache_dir $R/cache_$name > $R/$name.log 2>&1
     echo "exit $?" >> $R/$name.log ) & }
+TEACHER=  # the teacher's job, when this sweep trains it
 if [ "${SKIP_ROUND1:-0}" != 1 ]; then
-  run teacher $DENSE --num_train_epochs ${TEACHER_EPOCHS:-$E}; TEACHER=$!
+  if [ -f $R/teacher/config.json ]; then echo "the teacher saved in $R/teacher is reused"
+  else run teacher $DENSE --num_train_epochs ${TEACHER_EPOCHS:-$E}; TEACHER=$!; fi
   run both_8x400_plain10 $BOTH --dense_warmup_epochs $(AT 10) --pq_aware_epochs 0
   run out_8x4096_plain10 $OUTPUT --dense_warmup_epochs $(AT 10) --num_clusters 4096
 fi
 if [ "${STUDENTS:-1}" = 1 ]; then
-  [ "${SKIP_ROUND1:-0}" = 1 ] || wait $TEACHER
+  [ -z "$TEACHER" ] || wait $TEACHER
   KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
   run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
   run out_8x384_kd10_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2
