@@ -94,6 +94,10 @@ EOF
     side heal gpt2_basis_both_8x256_all_lr1e-3 $teacher $basis $all --learning_rate 1e-3
     side heal gpt2_quant_both_2bit_all_lr3e-4_clr3e-3 $teacher --method quant --nbit 2 --modules both $all \
         --learning_rate 3e-4 --compressed_lr 3e-3
+    # more sub-spaces while >= 10x (32 x 256: 17.6x, 64 x 256: 11.4x: +1.0%), 2-bit at the rate that helped 8 x 256
+    side heal gpt2_basis_both_32x256_all_lr3e-4 $teacher $basis --num_basis 32 $all --learning_rate 3e-4
+    side heal gpt2_basis_both_64x256_all_lr3e-4 $teacher $basis --num_basis 64 $all --learning_rate 3e-4
+    side heal gpt2_quant_both_2bit_all_lr1e-3 $teacher --method quant --nbit 2 --modules both $all --learning_rate 1e-3
     wait; }
 
 minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basis
@@ -108,7 +112,8 @@ minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basi
     local token="--train all --warmup_steps 100 --hidden_loss pooled_and_token_cosine"
     heal minilm_${2}x256_20k_all_token_lr1e-4 $m $token --learning_rate 1e-4
     heal minilm_${2}x256_20k_all_token_lr2e-4_5ep $m $token --learning_rate 2e-4 --num_train_epochs 5
-    # longer / faster, for 16 x 256's 0.97
+    # longer / faster, for 16 x 256's 0.97: 8 epochs at 3e-4 reach 0.971, 5 at 4e-4 0.967 (one H100; 8 at 2e-4 not
+    # run yet)
     heal minilm_${2}x256_20k_all_token_lr3e-4_8ep $m $token --learning_rate 3e-4 --num_train_epochs 8
     heal minilm_${2}x256_20k_all_token_lr4e-4_5ep $m $token --learning_rate 4e-4 --num_train_epochs 5
     heal minilm_${2}x256_20k_all_token_lr2e-4_8ep $m $token --learning_rate 2e-4 --num_train_epochs 8; }

@@ -69,7 +69,9 @@ def _setting(run: dict) -> str:
     if comp.get("pq_aware_epochs"):  # older results.json files lack the field
         what += f", PQ-aware from {epoch - comp['pq_aware_epochs']:g}"
     lr = comp["compressed_learning_rate"] or branch.get("learning_rate") or switch.get("learning_rate")
-    return what + (f", switch at {epoch:g}" if epoch else "") + (f" (lr {lr:.3g})" if epoch and lr else "")
+    kd = run.get("distillation") or {}  # --distill_from: trained on the teacher's soft targets too
+    return (what + (f", switch at {epoch:g}" if epoch else "") + (f" (lr {lr:.3g})" if epoch and lr else "")
+            + (f", distilled (alpha {kd['alpha']:g}, tau {kd['temperature']:g})" if kd else ""))
 
 
 def table(runs: list[dict]) -> str:

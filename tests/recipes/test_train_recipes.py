@@ -253,7 +253,9 @@ def test_short_run_on_real_ptb_beats_the_unigram_model(tmp_path):
     )
     # All of ptb.valid.txt: 73,760 tokens with <eos> in 10 streams of 7,376; each stream's first token has no context.
     assert results["eval_tokens"] == 73750
-    assert results["eval_perplexity"] < 0.7 * unigram, (results["eval_perplexity"], unigram)  # 436 vs 687 here
+    # 300 steps at lr 20 land between ~440 and ~505 depending on the seed and the CPU's kernels (seeds 1-3: 463, 448,
+    # 494; the default seed 1111 gave 436 on one machine and 503 on another): 0.8 x unigram (550) leaves that margin
+    assert results["eval_perplexity"] < 0.8 * unigram, (results["eval_perplexity"], unigram)
 
 
 def test_max_steps_is_the_whole_run_and_the_switch_is_logged(tiny_corpus, tmp_path, capfd):
