@@ -98,6 +98,13 @@ EOF
     side heal gpt2_basis_both_32x256_all_lr3e-4 $teacher $basis --num_basis 32 $all --learning_rate 3e-4
     side heal gpt2_basis_both_64x256_all_lr3e-4 $teacher $basis --num_basis 64 $all --learning_rate 3e-4
     side heal gpt2_quant_both_2bit_all_lr1e-3 $teacher --method quant --nbit 2 --modules both $all --learning_rate 1e-3
+    # the label loss beside the KL (alpha 0.5; not run yet): 64 x 256's code re-fit alone scored 139.2, below the
+    # dense 142.7, and the pure-KL heal pulled it back up to the teacher (144.2)
+    side heal gpt2_quant_both_2bit_all_lr3e-4_a0.5 $teacher --method quant --nbit 2 --modules both $all \
+        --learning_rate 3e-4 --alpha 0.5
+    side heal gpt2_basis_both_8x256_all_lr1e-3_a0.5 $teacher $basis $all --learning_rate 1e-3 --alpha 0.5
+    side heal gpt2_basis_both_64x256_all_lr3e-4_a0.5 $teacher $basis --num_basis 64 $all --learning_rate 3e-4 \
+        --alpha 0.5
     wait; }
 
 minilm() {  # 3: one chain a codebook size; $1 = the model folder, $2 = num_basis
