@@ -1,11 +1,12 @@
 #!/bin/bash
-# Issue 20's healing measurements, for one GPU (run from the repo root; 6 min on an H100 beside four LSTM runs, every
-# run bounded by a time limit). Logs, checkpoints and results.json in runs/heal/; at the end the results.json files
+# Issue 20's healing measurements, for one GPU (run from the repo root; every run bounded by a time limit; the GPT-2
+# heals take ~1 min each side by side on an H100, the MiniLM chain runs its heals one after the other, 2-4 min each,
+# so the whole list outlasts the default SWEEP_MINUTES: pick runs with ONLY, or raise it). Logs, checkpoints and results.json in runs/heal/; at the end the results.json files
 # under the names they get in recipes/results/, and a Markdown summary, in runs/heal/results/.
 #   1. a GPT-2-style LM trained dense on PTB (recipes/configs/ptb_gpt2.yaml; stopped cleanly, evaluated and saved
 #      after DENSE_MINUTES if it has not finished by then);
-#   2. once it is saved, side by side: recipes/heal.py on it after converting input + output to basis 8 x 256 /
-#      16 x 256 and to quant 2 / 4 bit, each on at most 10% of the tokens the dense run trained on (the first PTB
+#   2. once it is saved, side by side: recipes/heal.py on it after converting input + output to basis 8 x 256 to
+#      64 x 256 and to quant 2 / 4 bit, each on at most 10% of the tokens the dense run trained on (the first PTB
 #      training sentences that fit, one epoch); results.json: perplexity of the dense model, right after the
 #      conversion, after healing;
 #   3. from the start, beside 1: all-MiniLM-L6-v2's input embedding at 16 x 256 and 8 x 256, healed on 20,000 PTB
@@ -99,7 +100,7 @@ EOF
     side heal gpt2_basis_both_64x256_all_lr3e-4 $teacher $basis --num_basis 64 $all --learning_rate 3e-4
     side heal gpt2_quant_both_2bit_all_lr1e-3 $teacher --method quant --nbit 2 --modules both $all --learning_rate 1e-3
     # the label loss beside the KL (alpha 0.5; not run yet): 64 x 256's code re-fit alone scored 139.2, below the
-    # dense 142.7, and the pure-KL heal pulled it back up to the teacher (144.2)
+    # dense 142.7, and the pure-KL heal made it worse (144.2, above the teacher)
     side heal gpt2_quant_both_2bit_all_lr3e-4_a0.5 $teacher --method quant --nbit 2 --modules both $all \
         --learning_rate 3e-4 --alpha 0.5
     side heal gpt2_basis_both_8x256_all_lr1e-3_a0.5 $teacher $basis $all --learning_rate 1e-3 --alpha 0.5

@@ -75,11 +75,12 @@ def _setting(run: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    """Markdown: one row a run, perplexities against the first dense run of the same model width."""
+    """Markdown: one row a run, perplexities against the first plain dense run of the same model width (not a
+    branch, not switched, not distilled)."""
     dense = {}
     for run in runs:
-        if run["compression"] == "none" and not run.get("branch_of") and not run["args"]["compression"][
-                "dense_warmup_epochs"]:
+        if run["compression"] == "none" and not run.get("branch_of") and not run.get("distillation") and not run[
+                "args"]["compression"]["dense_warmup_epochs"]:
             dense.setdefault(_width(run), run)
     rows = ["| run | model | setting | valid | test | vs dense (test) | emb + head bytes | ratio |",
             "|---|---|---|---|---|---|---|---|"]

@@ -17,7 +17,8 @@
 # too) start from its epoch-10 checkpoint at the learning rate the plateau schedule had then (20) and train the other
 # 30 epochs, instead of each training the same 10 dense epochs first (the teacher is their first 10 epochs). Round 2
 # then runs four students (no alpha 0.9; an 8 x 4096 output layer instead); the December 2026 test perplexities in
-# the README come from this mode (its first three students).
+# the README come from this mode (its first three students, run by hand with the same arguments). It needs a teacher
+# this mode trained (a reused one without its epoch checkpoints stops the sweep with a message).
 set -u
 D=${PTB_DIR:-../shared/data/ptb}; R=${RUNS:-runs}; E=${EPOCHS:-40}; mkdir -p $R
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
@@ -39,15 +40,20 @@ if [ "${SKIP_ROUND1:-0}" != 1 ]; then
 fi
 if [ "${STUDENTS:-1}" = 1 ]; then
   [ -z "$TEACHER" ] || wait $TEACHER
-  if [ "${BRANCH:-0}" = 1 ]; then  # the teacher's checkpoint after epoch AT 10 (its trainer_state says the epoch)
-    CK=$(dirname $(grep -l "\"epoch\": $(AT 10).0," $R/teacher/checkpoint-*/trainer_state.json | head -1))
-    KD="--init_from $CK --learning_rate 20 --num_train_epochs $((E - $(AT 10))) --dense_warmup_epochs 0 \
-        --distill_from $R/teacher"
-    run out_8x384_branch10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
-    run both_8x400_branch10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
-    run dense_branch10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
-    # capacity bound under distillation (not run yet): does 8 x 4096 (head 2.3x) close the gap to the dense student?
-    run out_8x4096_branch10_a0.5_t1 $OUTPUT $KD --num_clusters 4096 --distill_alpha 0.5 --distill_temperature 1
+  if [ "${BRANCH:-0}" = 1 ]; then  # the teacher's checkpoint after epoch AT 10: its trainer_state's top-level epoch
+    # (indented 2; the log_history entries inside repeat "epoch" deeper)
+    CK=$(grep -l "^  \"epoch\": $(AT 10).0," $R/teacher/checkpoint-*/trainer_state.json 2>/dev/null | head -1)
+    if [ -z "$CK" ]; then
+      echo "no epoch-$(AT 10) checkpoint in $R/teacher (BRANCH=1 needs a teacher this mode trained): no students"
+    else
+      KD="--init_from $(dirname $CK) --learning_rate 20 --num_train_epochs $((E - $(AT 10))) --dense_warmup_epochs 0 \
+          --distill_from $R/teacher"
+      run out_8x384_branch10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
+      run both_8x400_branch10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
+      run dense_branch10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
+      # capacity bound under distillation (not run yet): does 8 x 4096 (head 2.3x) close the gap to the dense student?
+      run out_8x4096_branch10_a0.5_t1 $OUTPUT $KD --num_clusters 4096 --distill_alpha 0.5 --distill_temperature 1
+    fi
   else
     KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
     run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1

@@ -38,16 +38,21 @@ def test_epochs_count_across_phases_and_from_the_branch_point():
     assert plot_results.epoch_curve(BRANCH) == ([3.0], [160.0])
 
 
+# as ptb_distill_sweep.sh's BRANCH=1 students write it: started from a checkpoint (--init_from), no switch, no
+# branch_of (the committed files add that by hand)
 DISTILLED = _run("distilled", "none", 90.0, 16e6, [{"epoch": 1.0, "eval_perplexity": 95.0}],
-                 branch_of={"run": "teacher.json", "epoch": 10, "learning_rate": 20.0},
                  distillation={"teacher": "t", "alpha": 0.5, "temperature": 1.0, "phases": "last"})
+BRANCH_DISTILLED = dict(DISTILLED, run_name="branch_distilled",
+                        branch_of={"run": "teacher.json", "epoch": 10, "learning_rate": 20.0})
 
 
 def test_table_gaps_are_against_the_dense_run_of_the_same_width():
     rows = plot_results.table([DISTILLED, DENSE, SWITCHED, BRANCH]).splitlines()
     assert len(rows) == 6
-    # a distilled dense branch is not the reference, though listed first; its setting says how it was trained
-    assert "| -10.0% |" in rows[2] and "dense, switch at 10 (lr 20), distilled (alpha 0.5, tau 1)" in rows[2]
+    # a distilled dense run is not the reference, though listed first; its setting says how it was trained
+    assert "| -10.0% |" in rows[2] and "| dense, distilled (alpha 0.5, tau 1) |" in rows[2]
+    assert "| +10.0% |" in plot_results.table([DISTILLED, BRANCH_DISTILLED, DENSE, SWITCHED]).splitlines()[5]
+    assert "dense, switch at 10 (lr 20), distilled (alpha 0.5, tau 1)" in plot_results.table([BRANCH_DISTILLED])
     assert "| +10.0% |" in rows[4] and "basis both 8 x 400, switch at 1 (lr 5) |" in rows[4]
     assert "| +3.0% |" in rows[5] and "quant both 4-bit, switch at 2 (lr 1.25) |" in rows[5]
 
