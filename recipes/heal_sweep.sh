@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 20's healing measurements, for one GPU (run from the repo root; every run bounded by a time limit; the GPT-2
 # heals take ~1 min each side by side on an H100, the MiniLM chain runs its heals one after the other, 2-4 min each,
-# so the whole list outlasts the default SWEEP_MINUTES: pick runs with ONLY, or raise it). Logs, checkpoints and results.json in runs/heal/; at the end the results.json files
-# under the names they get in recipes/results/, and a Markdown summary, in runs/heal/results/.
+# so the whole list outlasts the default SWEEP_MINUTES: pick runs with ONLY, or raise it). Logs, checkpoints and
+# results.json in runs/heal/; at the end the results.json files under the names they get in recipes/results/, and a
+# Markdown summary, in runs/heal/results/.
 #   1. a GPT-2-style LM trained dense on PTB (recipes/configs/ptb_gpt2.yaml; stopped cleanly, evaluated and saved
 #      after DENSE_MINUTES if it has not finished by then);
 #   2. once it is saved, side by side: recipes/heal.py on it after converting input + output to basis 8 x 256 to

@@ -40,26 +40,23 @@ if [ "${SKIP_ROUND1:-0}" != 1 ]; then
 fi
 if [ "${STUDENTS:-1}" = 1 ]; then
   [ -z "$TEACHER" ] || wait $TEACHER
+  KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"; TAG=kd10; CK=
   if [ "${BRANCH:-0}" = 1 ]; then  # the teacher's checkpoint after epoch AT 10: its trainer_state's top-level epoch
     # (indented 2; the log_history entries inside repeat "epoch" deeper)
     CK=$(grep -l "^  \"epoch\": $(AT 10).0," $R/teacher/checkpoint-*/trainer_state.json 2>/dev/null | head -1)
-    if [ -z "$CK" ]; then
-      echo "no epoch-$(AT 10) checkpoint in $R/teacher (BRANCH=1 needs a teacher this mode trained): no students"
-    else
-      KD="--init_from $(dirname $CK) --learning_rate 20 --num_train_epochs $((E - $(AT 10))) --dense_warmup_epochs 0 \
-          --distill_from $R/teacher"
-      run out_8x384_branch10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
-      run both_8x400_branch10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
-      run dense_branch10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
-      # capacity bound under distillation (not run yet): does 8 x 4096 (head 2.3x) close the gap to the dense student?
-      run out_8x4096_branch10_a0.5_t1 $OUTPUT $KD --num_clusters 4096 --distill_alpha 0.5 --distill_temperature 1
-    fi
-  else
-    KD="--dense_warmup_epochs $(AT 10) --continue_learning_rate true --distill_from $R/teacher"
-    run out_8x384_kd10_a0.5_t1 $OUTPUT $KD --distill_alpha 0.5 --distill_temperature 1
-    run out_8x384_kd10_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2
-    run both_8x400_kd10_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 --distill_alpha 0.5 --distill_temperature 1
-    run dense_kd10_a0.5_t1 $DENSE $KD --distill_alpha 0.5 --distill_temperature 1
+    [ -n "$CK" ] || echo "no epoch-$(AT 10) checkpoint in $R/teacher (BRANCH=1 needs a teacher this mode trained):" \
+      "no students"
+    KD="--init_from $(dirname "$CK") --learning_rate 20 --num_train_epochs $((E - $(AT 10))) --dense_warmup_epochs 0 \
+        --distill_from $R/teacher"; TAG=branch10
+  fi
+  if [ "${BRANCH:-0}" != 1 ] || [ -n "$CK" ]; then
+    A="--distill_alpha 0.5 --distill_temperature 1"
+    run out_8x384_${TAG}_a0.5_t1 $OUTPUT $KD $A
+    run both_8x400_${TAG}_a0.5_t1 $BOTH $KD --pq_aware_epochs 0 $A
+    run dense_${TAG}_a0.5_t1 $DENSE $KD $A
+    if [ "$TAG" = branch10 ]; then  # capacity bound under distillation (not run yet): does 8 x 4096 (head 2.3x) close
+      run out_8x4096_${TAG}_a0.5_t1 $OUTPUT $KD --num_clusters 4096 $A  # the gap to the dense student?
+    else run out_8x384_${TAG}_a0.9_t2 $OUTPUT $KD --distill_alpha 0.9 --distill_temperature 2; fi
   fi
 fi
 wait
