@@ -471,8 +471,10 @@ def _continued_learning_rate(trainer, comp_args: CompressionArguments, training_
 
 
 def _describe_conversion(model, comp_args: CompressionArguments) -> str:
-    if comp_args.compression == "none":
+    if comp_args.compression == "none" and comp_args.basis_optimizer == "adam":
         return f"dense, {'+'.join(LAYERS_OF[comp_args.basis_modules])} layer(s) now take Adam steps"
+    if comp_args.compression == "none":  # the distilled dense reference: only the loss changes
+        return "dense, now distilled from the teacher"
     layers = hf_basis.report(model).to_dict()["layers"]
     return "converted " + ", ".join(f"{layer['name']} to {layer['kind']}" for layer in layers) + (
         f" ({comp_args.num_basis} x {comp_args.num_clusters})" if comp_args.compression == "basis"

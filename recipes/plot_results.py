@@ -70,7 +70,10 @@ def _setting(run: dict) -> str:
         what += f", PQ-aware from {epoch - comp['pq_aware_epochs']:g}"
     lr = comp["compressed_learning_rate"] or branch.get("learning_rate") or switch.get("learning_rate")
     kd = run.get("distillation") or {}  # --distill_from: trained on the teacher's soft targets too
+    # the plateau schedule's patience, where a run changed the recipes' 0 (ptb_distill_sweep.sh's PATIENCE)
+    patience = ((run["args"].get("training") or {}).get("lr_scheduler_kwargs") or {}).get("patience", 0)
     return (what + (f", switch at {epoch:g}" if epoch else "") + (f" (lr {lr:.3g})" if epoch and lr else "")
+            + (f", lr patience {patience}" if patience else "")
             + (f", distilled (alpha {kd['alpha']:g}, tau {kd['temperature']:g})" if kd else ""))
 
 

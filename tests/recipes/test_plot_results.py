@@ -53,6 +53,9 @@ def test_table_gaps_are_against_the_dense_run_of_the_same_width():
     assert "| -10.0% |" in rows[2] and "| dense, distilled (alpha 0.5, tau 1) |" in rows[2]
     assert "| +10.0% |" in plot_results.table([DISTILLED, BRANCH_DISTILLED, DENSE, SWITCHED]).splitlines()[5]
     assert "dense, switch at 10 (lr 20), distilled (alpha 0.5, tau 1)" in plot_results.table([BRANCH_DISTILLED])
+    patient = dict(BRANCH_DISTILLED, args=dict(BRANCH_DISTILLED["args"], training={
+        "lr_scheduler_kwargs": {"factor": 0.25, "patience": 1, "threshold": 0.0}}))
+    assert "dense, switch at 10 (lr 20), lr patience 1, distilled (alpha 0.5, tau 1)" in plot_results.table([patient])
     assert "| +10.0% |" in rows[4] and "basis both 8 x 400, switch at 1 (lr 5) |" in rows[4]
     assert "| +3.0% |" in rows[5] and "quant both 4-bit, switch at 2 (lr 1.25) |" in rows[5]
 

@@ -297,6 +297,7 @@ def test_equally_tuned_dense_reference_gives_its_head_the_adam_steps(tiny_corpus
         train_ptb.PTB_DEFAULTS,
     )
     assert {e["phase"] for e in results["log_history"]} == {"dense", "dense-tuned"}
+    assert results["switch"]["converted"] == "dense, output layer(s) now take Adam steps"
     assert results["compression"] == "none" and results["compression_ratio"] == 1.0
     vocab = json.loads((tmp_path / "tuned" / "config.json").read_text())["vocab_size"]
     assert shapes == {(vocab, 32), (vocab,)}  # the dense lm_head's weight and bias, nothing else
@@ -519,6 +520,7 @@ def test_dense_student_distilled_after_the_switch_is_the_equally_tuned_reference
     )
     assert {e["phase"] for e in results["log_history"]} == {"dense", "dense-distilled"}
     assert results["compression"] == "none" and results["distillation"]["temperature"] == 2.0
+    assert results["switch"]["converted"] == "dense, now distilled from the teacher"  # not "... take Adam steps"
     logged = [e for e in results["log_history"] if "distill_kl" in e]
     assert logged and {e["phase"] for e in logged} == {"dense-distilled"}
     for e in logged:  # the logged loss is the mix of the two logged terms
