@@ -18,8 +18,9 @@
 # 30 epochs, instead of each training the same 10 dense epochs first (the teacher is their first 10 epochs). Round 2
 # then runs six students: no alpha 0.9, but an 8 x 4096 output layer, and the dense and 8 x 384 output students
 # without a teacher (*_branch10_plain: the plain recipes with the students' schedule). It needs a teacher this mode
-# trained (a reused one without its epoch checkpoints stops the sweep with a message). One H100 runs ~0.13 epochs/s
-# in all however many LSTM runs share it (three distilled students: 24 s an epoch each), so pick with ONLY.
+# trained (a reused one without its epoch checkpoints stops the sweep with a message). Side by side the runs share
+# the GPU's throughput rather than add to it (three distilled students on an H100: 24 s an epoch each, ~0.13 epochs/s
+# in all; four plain runs on an H200: ~0.15), so six take ~25 min: pick with ONLY.
 # PATIENCE=N: the students' learning rate falls by 4 only after N + 1 epochs without a better validation perplexity
 # (ptb_dense.yaml's patience 0 cuts it at the first epoch that does not improve, however small the rise); their
 # names end in _pN. ONLY="NAME ...": run only these (names as in the logs, e.g. "out_8x384_branch10_a0.5_t1_p1").
