@@ -71,8 +71,7 @@ if [ "${STUDENTS:-1}" = 1 ]; then
       run out_8x4096_${TAG}_a0.5_t1$P $OUTPUT $START --num_clusters 4096 $A  # the dense student?
       run dense_${TAG}_plain$P $DENSE $START  # no teacher: the plain recipes with the students' schedule
       run out_8x384_${TAG}_plain$P $OUTPUT $START
-    else run out_8x384_${TAG}_a0.9_t2 $OUTPUT $START --distill_from $R/teacher --distill_alpha 0.9 \
-      --distill_temperature 2; fi
+    else run out_8x384_${TAG}_a0.9_t2 $OUTPUT $START $A --distill_alpha 0.9 --distill_temperature 2; fi  # later wins
   fi
 fi
 wait
